@@ -1,0 +1,239 @@
+"""Every flag of alexnet-dist: its default, its one-line meaning and its validation.
+
+`Config` is the single source of truth: the CLI builds it from the command line (over a recipe
+file, if one is named), the tracker and every checkpoint store `Config.to_dict()`.
+Bad values raise `UsageError` with a one-line message that names the flag and what is allowed.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import MIN_INPUT
+
+
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits with status 2."""
+
+
+def flag(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # the seed's flags, same names and defaults
+    load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False")
+    save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)")
+    train: bool = flag(True, "False: only evaluate the weights of load_model_path on the test split")
+    resize: tuple = flag((70, 70), "resize images to this H,W before cropping (one number: a square)")
+    random_crop: tuple = flag((64, 64), "crop fed to the network: random in training, centre in evaluation (>= 63)")
+    mean: tuple = flag((0.5, 0.5, 0.5), "per-channel mean subtracted after scaling pixels to [0, 1]")
+    std: tuple = flag((0.5, 0.5, 0.5), "per-channel standard deviation divided by after the mean")
+    batch_size: int = flag(256, "global images per optimizer step, whatever the number of processes")
+    val_size: float = flag(0.1, "fraction of the training images held out for validation, in [0, 1)")
+    num_epochs: int = flag(25, "passes over the training split")
+    device: str = flag("auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda")
+    log_freq: int = flag(50, "optimizer steps between logged training losses")
+    logger: str = flag("wandb", "tracker: wandb, tensorboard or none")
+    fraction_of_data: float = flag(1.0, "fraction of the training split used, drawn without replacement, in (0, 1]")
+    # optimisation
+    lr: float = flag(0.05, "peak learning rate of SGD")
+    momentum: float = flag(0.9, "SGD momentum (the paper's 0.9)")
+    weight_decay: float = flag(5e-4, "L2 weight decay (the paper's 5e-4)")
+    nesterov: bool = flag(True, "Nesterov momentum")
+    schedule: str = flag("warmup_linear", "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant")
+    warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules")
+    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy before lr /= 10")
+    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)")
+    dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)")
+    seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation")
+    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)")
+    mixed_precision: str = flag("auto", "auto (bf16 on GPUs that have it, fp16 on older ones, none on CPU), no, fp16 or bf16")
+    # data
+    dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake")
+    data_dir: str = flag("data", "where the data set lives")
+    cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)")
+    flip: bool = flag(True, "random horizontal flips in training")
+    loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)")
+    num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)")
+    # model
+    groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network")
+    init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)")
+    # tracking and outputs
+    project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)")
+    run_name: str | None = flag(None, "name of the run (default: the run directory's name)")
+    tags: tuple = flag((), "W&B tags, e.g. --tags baseline,bf16")
+    run_dir: str | None = flag(None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_flags(cls, flags: dict, base: dict | None = None) -> "Config":
+        """Defaults, overridden by `base` (a recipe), overridden by `flags`; validated."""
+        values = {}
+        for source in (base or {}, flags):
+            unknown = sorted(set(source) - set(FIELD_NAMES))
+            if unknown:
+                raise UsageError(f"unknown flag --{unknown[0]} (run with --help for the list of flags)")
+            values.update(source)
+        checked = {name: CHECKS[name](name, value) for name, value in values.items()}
+        config = cls(**checked)
+        config.check_combinations()
+        return config
+
+    def check_combinations(self):
+        for axis in range(2):
+            if self.random_crop[axis] > self.resize[axis]:
+                raise UsageError(
+                    f"--random_crop {_size(self.random_crop)} is larger than --resize {_size(self.resize)}: "
+                    "the crop must fit inside the resized image"
+                )
+        if self.train and self.num_epochs < 1:
+            raise UsageError(f"--num_epochs must be at least 1 when training, got {self.num_epochs}")
+        if self.nesterov and self.momentum == 0:
+            raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
+        if not self.train and self.load_model_path is None:
+            raise UsageError("--train=False evaluates saved weights: give them with --load_model_path")
+
+    def help_lines(self) -> list[str]:
+        return [f"{f.name}: {f.metadata['help']}" for f in dataclasses.fields(self)]
+
+
+FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def _size(pair) -> str:
+    return f"{pair[0]},{pair[1]}"
+
+
+def _bool(name, value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise UsageError(f"--{name} must be True or False, got {value!r}")
+
+
+def _number(name, value, kind, low=None, high=None, low_open=False, high_open=False):
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise UsageError(f"--{name} must be a finite number, got {value!r}")
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if below or above:
+        if high is None:
+            allowed = f"{'greater than' if low_open else 'at least'} {low}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise UsageError(f"--{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    return lambda name, value: _number(name, value, kind, low, high, low_open, high_open)
+
+
+def choice(*allowed):
+    def check(name, value):
+        if str(value) not in allowed:
+            raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return str(value)
+    return check
+
+
+def _items(value) -> list:
+    """Fire hands lists over as list/tuple (`[70,70]`, `70,70`), a number (`70`) or a string."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.strip("[]() ").split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return list(value)
+
+
+def _pair(name, value):
+    items = _items(value.replace("x", ",") if isinstance(value, str) else value)
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2:
+        raise UsageError(f"--{name} must be one size or two (H,W), e.g. --{name} 64 or --{name} 64,64; got {value!r}")
+    pair = tuple(_number(name, item, int, low=1) for item in items)
+    if name == "random_crop" and min(pair) < MIN_INPUT:
+        raise UsageError(f"--random_crop must be at least {MIN_INPUT}x{MIN_INPUT}, AlexNet's smallest input; got {_size(pair)}")
+    return pair
+
+
+def _triple(name, value):
+    items = _items(value)
+    if len(items) != 3:
+        raise UsageError(f"--{name} must be three numbers, one per RGB channel (e.g. --{name} 0.5,0.5,0.5); got {value!r}")
+    low_open = name == "std"
+    return tuple(float(_number(name, item, float, low=0.0, low_open=low_open)) for item in items)
+
+
+def _optional_path(name, value):
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def _text(name, value):
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"--{name} must be a non-empty text, got {value!r}")
+    return value
+
+
+CHECKS = {
+    "load_model_path": _optional_path,
+    "save": _text,
+    "train": _bool,
+    "resize": _pair,
+    "random_crop": _pair,
+    "mean": _triple,
+    "std": _triple,
+    "batch_size": number(int, low=1),
+    "val_size": number(float, low=0.0, high=1.0, high_open=True),
+    "num_epochs": number(int, low=0),
+    "device": choice("auto", "cpu", "cuda"),
+    "log_freq": number(int, low=1),
+    "logger": choice("wandb", "tensorboard", "none"),
+    "fraction_of_data": number(float, low=0.0, high=1.0, low_open=True),
+    "lr": number(float, low=0.0, low_open=True),
+    "momentum": number(float, low=0.0, high=1.0, high_open=True),
+    "weight_decay": number(float, low=0.0),
+    "nesterov": _bool,
+    "schedule": choice("warmup_linear", "warmup_cosine", "plateau", "constant"),
+    "warmup_epochs": number(float, low=0.0),
+    "plateau_patience": number(int, low=0),
+    "label_smoothing": number(float, low=0.0, high=1.0, high_open=True),
+    "dropout": number(float, low=0.0, high=1.0, high_open=True),
+    "seed": number(int, low=0),
+    "grad_accum_steps": number(int, low=1),
+    "mixed_precision": choice("auto", "no", "fp16", "bf16"),
+    "dataset": choice("cifar10", "folder", "fake"),
+    "data_dir": _text,
+    "cache_dir": _optional_path,
+    "flip": _bool,
+    "loader": choice("auto", "device", "stream"),
+    "num_workers": lambda name, value: None if value is None else _number(name, value, int, low=0),
+    "groups": lambda name, value: int(choice("1", "2")(name, value)),
+    "init": choice("pytorch", "paper", "kaiming"),
+    "project": _text,
+    "run_name": _optional_path,
+    "tags": lambda name, value: tuple(str(item).strip() for item in _items(value) if str(item).strip()),
+    "run_dir": _optional_path,
+}
+assert set(CHECKS) == set(FIELD_NAMES), set(CHECKS) ^ set(FIELD_NAMES)

@@ -1,0 +1,101 @@
+"""AlexNet (Krizhevsky, Sutskever and Hinton, 2012), for any input of at least 63x63 pixels.
+
+What the paper did and what this keeps: five convolutions with ReLU; local response normalisation
+(size 5, alpha 1e-4, beta 0.75, k 2) after conv1 and conv2; overlapping max pooling (3x3, stride
+2) after conv1, conv2 and conv5; dropout 0.5 before the two hidden linear layers of 4096 units.
+
+Where it differs:
+- `groups=1` (default) is the one-column network of the seed (and of torchvision): 64, 192, 384,
+  256, 256 channels. `groups=2` is the paper's two-column network, 96, 256, 384, 384, 256
+  channels, with the columns as grouped convolutions: conv2, conv4 and conv5 see only their own
+  column's maps, conv3 and the linear layers see both (the paper's two GPUs).
+- An adaptive average pooling to 6x6 before the classifier (as in torchvision) lets inputs other
+  than 224x224 through; at the seed's 64x64 crops it repeats conv5's single 1x1 map.
+- `init='paper'` draws every weight from N(0, 0.01) and sets the biases of conv2, conv4, conv5
+  and the hidden linear layers to 1 (0 elsewhere). It is known to stall without a tuned learning
+  rate, so the default is PyTorch's own initialisation.
+- PyTorch's initialisation shrinks the signal layer by layer (conv5's output has a standard
+  deviation near 0.01 at the start), so the loss sits at ln(10) for the first hundreds of steps.
+  `init='kaiming'` (He et al. 2015: N(0, 2 / fan_in), biases 0, the last layer N(0, 0.01)) keeps
+  the signal's scale and learns from the first steps.
+"""
+
+import torch
+from torch import nn
+
+MIN_INPUT = 63
+COLUMN_WIDTHS = {1: (64, 192, 384, 256, 256), 2: (96, 256, 384, 384, 256)}
+
+
+class AlexNet(nn.Module):
+    def __init__(self, num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch"):
+        super().__init__()
+        if groups not in COLUMN_WIDTHS:
+            raise ValueError(f"groups must be 1 or 2, got {groups}")
+        c1, c2, c3, c4, c5 = COLUMN_WIDTHS[groups]
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=groups),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(c5 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),
+        )
+        if init == "paper":
+            self._paper_init()
+        elif init == "kaiming":
+            self._kaiming_init()
+        elif init != "pytorch":
+            raise ValueError(f"init must be 'pytorch', 'paper' or 'kaiming', got {init!r}")
+
+    def _paper_init(self):
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        linears = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        for layer in convs + linears:
+            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(layer.bias)
+        for layer in (convs[1], convs[3], convs[4], linears[0], linears[1]):
+            nn.init.ones_(layer.bias)
+
+    def _kaiming_init(self):
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.classifier[-1].weight, mean=0.0, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < MIN_INPUT or x.shape[-2] < MIN_INPUT:
+            raise ValueError(f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}")
+        x = self.features(x)
+        x = self.avgpool(x)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch") -> AlexNet:
+    return AlexNet(num_classes=num_classes, groups=groups, dropout=dropout, init=init)
+
+
+def architecture(model: AlexNet) -> dict:
+    """What a weights file must match to load into `model`."""
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    return {"groups": convs[1].groups, "num_classes": model.classifier[-1].out_features}

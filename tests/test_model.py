@@ -1,0 +1,78 @@
+import pytest
+import torch
+import torchvision
+
+from alexnet_dist.model import MIN_INPUT, alexnet
+
+
+def count(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_output_shapes(size, groups):
+    model = alexnet(num_classes=7, groups=groups).eval()
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+
+
+def test_one_column_matches_torchvision_parameter_count():
+    # LRN has no parameters, so the seed's network counts what torchvision's AlexNet counts
+    assert count(alexnet(num_classes=10)) == count(torchvision.models.alexnet(num_classes=10)) == 57_044_810
+
+
+def test_two_columns_have_the_papers_sixty_million_parameters():
+    conv = lambda c_in, c_out, k, groups=1: c_in // groups * c_out * k * k + c_out
+    linear = lambda n_in, n_out: n_in * n_out + n_out
+    expected = (conv(3, 96, 11) + conv(96, 256, 5, 2) + conv(256, 384, 3) + conv(384, 384, 3, 2)
+                + conv(384, 256, 3, 2) + linear(256 * 36, 4096) + linear(4096, 4096) + linear(4096, 1000))
+    assert count(alexnet(num_classes=1000, groups=2)) == expected == 60_965_224
+
+
+def test_two_columns_do_not_mix_inside_grouped_layers():
+    model = alexnet(groups=2)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.groups for c in convs] == [1, 2, 1, 2, 2]
+    assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256]
+
+
+def test_paper_init_biases_and_weights():
+    torch.manual_seed(0)
+    model = alexnet(init="paper")
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    ones = [convs[1], convs[3], convs[4], linears[0], linears[1]]
+    zeros = [convs[0], convs[2], linears[2]]
+    assert all(torch.all(layer.bias == 1) for layer in ones)
+    assert all(torch.all(layer.bias == 0) for layer in zeros)
+    assert abs(linears[0].weight.std().item() - 0.01) < 1e-3
+
+
+def test_kaiming_init_keeps_the_signal_alive():
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 64, 64)
+    default = alexnet().features(images).std().item()
+    kaiming = alexnet(init="kaiming").features(images).std().item()
+    assert kaiming > 5 * default
+
+
+def test_dropout_is_configurable_and_paper_default():
+    dropouts = [m.p for m in alexnet().classifier if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.5, 0.5]
+    assert [m.p for m in alexnet(dropout=0.0).classifier if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
+
+
+def test_smallest_input():
+    model = alexnet().eval()
+    assert model(torch.randn(1, 3, MIN_INPUT, MIN_INPUT)).shape == (1, 10)
+    with pytest.raises(ValueError, match="at least 63x63"):
+        model(torch.randn(1, 3, MIN_INPUT - 1, 80))
+
+
+def test_seeded_outputs_are_reproducible():
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = alexnet().eval()
+        outputs.append(model(torch.ones(1, 3, 64, 64)))
+    assert torch.equal(*outputs)
