@@ -1,0 +1,328 @@
+"""Data sets as uint8 image tensors: CIFAR-10, an image folder, or generated images; splits; cache.
+
+Every source ends as `ImageSet`s (uint8 images N x 3 x H x W plus int64 labels), decoded once:
+CIFAR-10 from its python batches (downloaded by the main process), an image folder decoded by
+DataLoader workers and cached beside the data, keyed on its file list, or generated images.
+A folder too large to decode into memory stays a list of files for the stream loader.
+The validation split is carved out of the training images by a seeded permutation, so every rank
+(and every run with the same seed) holds the same split.
+"""
+
+import hashlib
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from .config import UsageError
+from .runtime import agree
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageSet:
+    labels: torch.Tensor                 # int64 (N,)
+    images: torch.Tensor | None = None   # uint8 (N, 3, H, W) when decoded in memory
+    files: list | None = None            # image paths, when decoded on the fly by the stream loader
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        images = None if self.images is None else self.images[index]
+        files = None if self.files is None else [self.files[i] for i in index.tolist()]
+        return ImageSet(self.labels[index], images, files)
+
+
+@dataclass
+class Data:
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet | None
+    classes: list
+    test_note: str = ""  # why there is no test split, when there is none
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+def read_image(path) -> torch.Tensor:
+    """One image file as uint8 RGB (3, H, W); UnreadableImage names the file otherwise."""
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception:
+        pass
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            return torch.from_numpy(__import__("numpy").asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception as error:
+        raise UnreadableImage(f"{path}: cannot be read as an image ({type(error).__name__})") from None
+
+
+def resize_images(images: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 images (N, 3, H, W), rounded back to uint8 like PIL."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    resized = F.interpolate(images.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ImageFiles(Dataset):
+    """Image files (or rows of a uint8 tensor) decoded and optionally resized in DataLoader workers."""
+
+    def __init__(self, files=None, images=None, size=None):
+        self.files, self.images, self.size = files, images, size
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.images)
+
+    def __getitem__(self, index):
+        image = read_image(self.files[index]) if self.files is not None else self.images[index]
+        if self.size is not None:
+            image = resize_images(image[None], self.size)[0]
+        return image
+
+
+def worker_count(requested) -> int:
+    return min(8, os.cpu_count() or 1) if requested is None else requested
+
+
+def _stack_or_arrays(images: list):
+    """One tensor per batch when the sizes agree (few shared-memory handles), else plain arrays."""
+    if len({tuple(image.shape) for image in images}) == 1:
+        return torch.stack(images)
+    return [image.numpy() for image in images]
+
+
+def _decode_all(files, size, num_workers) -> torch.Tensor:
+    """Decode every file; images of one size stay as they are, mixed sizes are resized to `size`."""
+    loader = DataLoader(ImageFiles(files), batch_size=256, num_workers=worker_count(num_workers),
+                        collate_fn=_stack_or_arrays)
+    try:
+        images = [torch.as_tensor(image) for batch in loader for image in batch]
+    except UnreadableImage as error:  # from a worker it carries the worker's traceback: keep the last line
+        message = str(error).strip().splitlines()[-1].removeprefix(f"{__name__}.UnreadableImage: ")
+        raise UsageError(f"unreadable image in the data set: {message}") from None
+    if len({tuple(image.shape) for image in images}) > 1:
+        images = [resize_images(image[None], size)[0] for image in images]
+    return torch.stack(images)
+
+
+def _cache_key(files, root: Path, size) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: int, write: bool) -> torch.Tensor:
+    """Decoded images of `files`, from the cache when its key (the file list) still matches."""
+    if cache_dir is None:
+        return _decode_all(files, size, num_workers)
+    key = _cache_key(files, root, size)
+    path = cache_dir / f"images-{key}.pt"
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached["resized_to"] in (None, list(size)) and len(cached["images"]) == len(files):
+                return cached["images"]
+        except Exception:
+            pass  # a damaged cache entry is rebuilt below
+    images = _decode_all(files, size, num_workers)
+    if write:
+        uniform = len(files) == 0 or images.shape[-2:] != tuple(size)
+        entry = {"images": images, "resized_to": None if uniform else list(size)}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(entry, temporary)
+            os.replace(temporary, path)
+        except OSError as error:
+            raise UsageError(
+                f"cannot write the decoded-image cache in {cache_dir} ({error.strerror}): "
+                "give a writable folder with --cache_dir, or --cache_dir none"
+            ) from None
+    return images
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="bytes")
+
+
+def _cifar10_batches(folder: Path, names) -> ImageSet:
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            batch = _unpickle(path)
+            data = torch.frombuffer(bytearray(batch[b"data"]), dtype=torch.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = torch.tensor(batch[b"labels"], dtype=torch.int64)
+            if len(batch_labels) != len(data):
+                raise ValueError("labels and images differ in number")
+        except Exception as error:
+            raise UsageError(
+                f"{path} is missing or corrupt ({type(error).__name__}): delete {folder} "
+                f"(and {folder.parent / 'cifar-10-python.tar.gz'}) and run again to download it afresh"
+            ) from None
+        images.append(data)
+        labels.append(batch_labels)
+    return ImageSet(torch.cat(labels), torch.cat(images))
+
+
+def download_cifar10(root: Path):
+    """Download and verify CIFAR-10 into `root` unless its batches are there (main process only)."""
+    if (root / CIFAR10_FOLDER).is_dir():
+        return
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except (tarfile.TarError, EOFError, OSError, RuntimeError) as error:
+        archive = root / "cifar-10-python.tar.gz"
+        raise UsageError(
+            f"could not get CIFAR-10 into {root} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+            f"delete {archive} if it is partial, and run with network access, or use --dataset folder"
+        ) from None
+
+
+def cifar10(root: Path) -> tuple:
+    folder = root / CIFAR10_FOLDER
+    train = _cifar10_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
+    test = _cifar10_batches(folder, ["test_batch"])
+    try:
+        classes = [name.decode() for name in _unpickle(folder / "batches.meta")[b"label_names"]]
+    except Exception:
+        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return train, test, classes
+
+
+def scan_folder(root: Path, split: str, classes=None) -> tuple:
+    """Files and labels of root/split/<class>/*, classes sorted by name (or given)."""
+    folder = root / split
+    found = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UsageError(f"{folder / unknown[0]} is a class that {root / 'train'} does not have")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_folder = folder / name
+        if not class_folder.is_dir():
+            continue
+        for entry in sorted(os.scandir(class_folder), key=lambda e: e.name):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(entry.path)
+                labels.append(label)
+    if not files:
+        raise UsageError(f"{folder} holds no images (expected {folder}/<class>/*.jpg or .png)")
+    return files, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def check_folder(root: Path):
+    if not root.is_dir():
+        raise UsageError(f"--data_dir {root} does not exist (dataset=folder expects {root}/train/<class>/*)")
+    if not (root / "train").is_dir():
+        raise UsageError(f"--data_dir {root} has no train/ folder (dataset=folder expects {root}/train/<class>/*)")
+
+
+def fake(num_classes: int = 10, train_size: int = 1000, test_size: int = 200, size: int = 32) -> tuple:
+    """Generated images that a network can learn: a smooth colour pattern per class, shifted, plus noise."""
+    generator = torch.Generator().manual_seed(20120101)
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=generator), size=2 * size, mode="bilinear")
+
+    def draw(count):
+        labels = torch.randint(num_classes, (count,), generator=generator)
+        shifts = torch.randint(size, (count, 2), generator=generator)
+        rows = (shifts[:, :1] + torch.arange(size))[:, None, :, None]
+        cols = (shifts[:, 1:] + torch.arange(size))[:, None, None, :]
+        images = patterns[labels[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        images = 0.7 * images + 0.3 * torch.rand(count, 3, size, size, generator=generator)
+        return ImageSet(labels, (images * 255).round().to(torch.uint8))
+
+    return draw(train_size), draw(test_size), [f"pattern{i}" for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------- splits
+
+
+def split_indices(count: int, val_size: float, fraction: float, seed: int) -> tuple:
+    """(train, val) indices: a seeded permutation, val first; the train part subsampled without replacement."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    num_val = round(val_size * count)
+    train, val = order[num_val:], order[:num_val]
+    train = train[: round(fraction * len(train))]
+    return train, val
+
+
+def split(full: ImageSet, val_size: float, fraction: float, seed: int) -> tuple:
+    train_index, val_index = split_indices(len(full), val_size, fraction, seed)
+    if len(train_index) == 0:
+        raise UsageError(
+            f"--fraction_of_data {fraction} with --val_size {val_size} leaves no training images out of {len(full)}"
+        )
+    return full.subset(train_index), (full.subset(val_index) if len(val_index) else None)
+
+
+# ---------------------------------------------------------------- all of it
+
+
+def memory_budget(device) -> int:
+    """Bytes a decoded split may take: half of what is free on the device (or in RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def _folder_split(cfg, accelerator, root: Path, split_name: str, classes, cache_dir):
+    files, labels, classes = scan_folder(root, split_name, classes)
+    resized_bytes = len(files) * 3 * cfg.resize[0] * cfg.resize[1]
+    if cfg.loader == "stream" or (cfg.loader == "auto" and resized_bytes > memory_budget(accelerator.device)):
+        return ImageSet(labels, files=files), classes
+    write = accelerator.is_main_process
+    images = agree(accelerator, lambda: decode_cached(files, root, cfg.resize, cache_dir, cfg.num_workers, write),
+                   main_first=cache_dir is not None)
+    return ImageSet(labels, images), classes
+
+
+def load_data(cfg, accelerator) -> Data:
+    """Train / validation / test splits of `cfg.dataset`, identical on every rank."""
+    root = Path(cfg.data_dir)
+    if cfg.dataset == "fake":
+        full, test, classes = fake()
+        test_note = ""
+    elif cfg.dataset == "cifar10":
+        agree(accelerator, lambda: accelerator.is_main_process and download_cifar10(root), main_first=True)
+        full, test, classes = agree(accelerator, lambda: cifar10(root))
+        test_note = ""
+    else:
+        agree(accelerator, lambda: check_folder(root))
+        cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or root / ".alexnet_dist_cache")
+        full, classes = _folder_split(cfg, accelerator, root, "train", None, cache_dir)
+        test, test_note = None, f"{root} has no test/ folder: skipping the test evaluation"
+        if (root / "test").is_dir():
+            test, _ = _folder_split(cfg, accelerator, root, "test", classes, cache_dir)
+            test_note = ""
+    train, val = split(full, cfg.val_size, cfg.fraction_of_data, cfg.seed)
+    return Data(train, val, test, classes, test_note)

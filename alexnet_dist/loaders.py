@@ -1,0 +1,104 @@
+"""Per-rank micro-batches: the whole split on the device (default) or streamed by DataLoader workers.
+
+Both loaders walk the same seeded epoch plan: optimizer step s takes positions
+[s * batch_size, (s + 1) * batch_size) of the epoch's permutation, and that global batch is cut
+into num_processes x grad_accum_steps micro-batches, micro-step a of rank r taking slice a * P + r.
+So every image is used once per epoch (less the last partial batch), with the same crop and flip,
+whatever the launch. The last partial batch is dropped so that every step has the same global batch.
+"""
+
+import math
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import ImageFiles, ImageSet, resize_images, worker_count
+from .transforms import Augmentation, draw_plan
+
+
+class DeviceLoader:
+    """The split as uint8 on the device, resized once; batches are gathers and tensor ops there."""
+
+    streams = False  # True: batches come from DataLoader workers, which take CPU indices
+
+    def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, flip: bool, seed: int,
+                 batch_size: int, micro_batch: int, rank: int, world: int):
+        self.augmentation, self.device, self.resize, self.flip, self.seed = augmentation, device, tuple(resize), flip, seed
+        self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
+        self.accum = batch_size // (micro_batch * world)
+        self.labels = imageset.labels.to(device)
+        self.count = len(imageset)
+        self.steps_per_epoch = self.count // batch_size
+        self._load(imageset)
+
+    def _load(self, imageset: ImageSet):
+        chunks = [resize_images(chunk.to(self.device), self.resize) for chunk in imageset.images.split(4096)]
+        self.images = torch.cat(chunks)
+
+    def _batches(self, order_slices):
+        """uint8 device images for each index tensor of `order_slices`."""
+        for index in order_slices:
+            yield self.images[index]
+
+    def _micro_slices(self, start_step: int):
+        for step in range(start_step, self.steps_per_epoch):
+            for micro in range(self.accum):
+                start = step * self.batch_size + (micro * self.world + self.rank) * self.micro_batch
+                yield start, start + self.micro_batch
+
+    def train_epoch(self, epoch: int, start_step: int = 0):
+        """This rank's (images, labels) micro-batches of `epoch`, from optimizer step `start_step` on."""
+        cpu_plan = draw_plan(self.count, self.resize, self.augmentation.crop, self.flip, self.seed, epoch)
+        plan = cpu_plan.to(self.device)
+        slices = list(self._micro_slices(start_step))
+        images = self._batches(cpu_plan.order[a:b] if self.streams else plan.order[a:b] for a, b in slices)
+        for (start, stop), batch in zip(slices, images):
+            part = plan.slice(start, stop)
+            yield self.augmentation.train(batch, part), self.labels[part.order]
+
+    def eval_batches(self, batch_size: int):
+        """(uint8 images, labels, number of real images) over this rank's shard of the split.
+
+        Ranks take strided shards and pad to the same number of full batches (padding repeats
+        image 0 and is not counted), so every rank runs the same shapes the same number of times.
+        """
+        shard = torch.arange(self.rank, self.count, self.world)
+        num_batches = math.ceil(math.ceil(self.count / self.world) / batch_size)
+        padded = torch.zeros(num_batches * batch_size, dtype=torch.int64)
+        padded[: len(shard)] = shard
+        chunks = padded.split(batch_size)
+        index_chunks = chunks if self.streams else [chunk.to(self.device) for chunk in chunks]
+        for number, (chunk, images) in enumerate(zip(chunks, self._batches(index_chunks))):
+            valid = max(0, min(batch_size, len(shard) - number * batch_size))
+            yield images, self.labels[chunk.to(self.device)], valid
+
+
+class StreamLoader(DeviceLoader):
+    """For splits too large for the device: workers decode and resize, the device crops and flips."""
+
+    streams = True
+
+    def __init__(self, *args, num_workers: int, **kwargs):
+        self.num_workers = num_workers
+        super().__init__(*args, **kwargs)
+
+    def _load(self, imageset: ImageSet):
+        self.dataset = ImageFiles(imageset.files, imageset.images, size=self.resize)
+
+    def _batches(self, order_slices):
+        loader = DataLoader(
+            self.dataset, batch_sampler=[index.tolist() for index in order_slices], num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for images in loader:
+            yield images.to(self.device, non_blocking=True)
+
+
+def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int):
+    common = dict(
+        device=device, resize=cfg.resize, flip=cfg.flip, seed=cfg.seed, batch_size=cfg.batch_size,
+        micro_batch=micro_batch, rank=rank, world=world,
+    )
+    if imageset.images is not None and cfg.loader != "stream":
+        return DeviceLoader(imageset, augmentation, **common)
+    return StreamLoader(imageset, augmentation, num_workers=worker_count(cfg.num_workers), **common)

@@ -1,0 +1,95 @@
+"""The Accelerator from the flags, the global-batch breakdown, and decisions every rank shares.
+
+The launcher (`accelerate launch`, torchrun, or none) decides how many processes and machines run;
+the flags decide what is learned. `batch_size` is the global batch, so each process takes
+batch_size / (num_processes x grad_accum_steps) images per micro-batch.
+"""
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from .config import UsageError
+
+
+def resolve_precision(requested: str, on_cpu: bool) -> str:
+    """auto: what an Accelerate config asked for, else bf16 on GPUs that have it, fp16 on older ones, none on CPU."""
+    if requested == "fp16" and on_cpu:
+        raise UsageError("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
+    if requested != "auto":
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no" and not (on_cpu and launcher == "fp16"):
+        return launcher
+    if on_cpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no GPU is visible to PyTorch here; use --device auto or --device cpu")
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(
+        cpu=on_cpu,  # also what makes Accelerate see torchrun's processes as MULTI_CPU
+        mixed_precision=resolve_precision(cfg.mixed_precision, on_cpu),
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, not once per process
+        log_with=log_with,
+        project_dir=project_dir,
+    )
+
+
+def micro_batch_size(batch_size: int, num_processes: int, grad_accum_steps: int) -> int:
+    shares = num_processes * grad_accum_steps
+    if batch_size % shares:
+        raise UsageError(
+            f"--batch_size {batch_size} does not split evenly into {num_processes} process(es) x "
+            f"{grad_accum_steps} accumulation step(s): use a multiple of {shares}"
+        )
+    return batch_size // shares
+
+
+def breakdown(batch_size: int, num_processes: int, grad_accum_steps: int) -> str:
+    micro = batch_size // (num_processes * grad_accum_steps)
+    return (f"global batch {batch_size} = {num_processes} process(es) x {grad_accum_steps} accumulation step(s) "
+            f"x {micro} images per micro-batch")
+
+
+def agree(accelerator: Accelerator, action, main_first: bool = False):
+    """`action()` on every rank (on the main process first if asked, e.g. a download or a cache write).
+
+    A UsageError on any rank is raised on every rank, so all of them stop together instead of
+    waiting for each other at the next collective.
+    """
+    def attempt():
+        try:
+            return action(), None
+        except UsageError as error:
+            return None, str(error)
+
+    if accelerator.num_processes == 1:
+        result, error = attempt()
+        if error:
+            raise UsageError(error)
+        return result
+    result, error = attempt() if (accelerator.is_main_process or not main_first) else (None, None)
+    if main_first:
+        main_error = broadcast_object_list([error])[0]
+        if main_error:
+            raise UsageError(main_error)
+        if not accelerator.is_main_process:
+            result, error = attempt()
+    errors = [message for message in gather_object([error]) if message]
+    if errors:
+        raise UsageError(errors[0])
+    return result
+
+
+def shared_value(accelerator: Accelerator, value):
+    """The main process's `value` on every rank (a time stamp, a path)."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value])[0]

@@ -1,0 +1,44 @@
+"""Shared helpers: run the real entry point in a subprocess, on the CPU, with W&B kept offline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "launch" / "train.py"
+# a fake-data run of a few optimizer steps: 180 training images, batch 32
+QUICK = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--batch_size", "32", "--fraction_of_data", "0.2"]
+
+
+def cli_env(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update({"WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`."""
+    if processes == 1:
+        command = [sys.executable, str(script), *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(script), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """Every test runs in its own empty folder, without a tracker reaching the network."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -1,0 +1,205 @@
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torchvision.io import write_jpeg, write_png
+
+from alexnet_dist import data as data_module
+from alexnet_dist.config import Config, UsageError
+from alexnet_dist.data import ImageSet, fake, load_data, split_indices
+from alexnet_dist.loaders import DeviceLoader, StreamLoader
+from alexnet_dist.transforms import Augmentation, draw_plan
+
+CPU = torch.device("cpu")
+
+
+def label_coded(count=96, classes=6, size=40) -> ImageSet:
+    """Images whose every pixel is 10 + 40 * label, so any crop or flip still shows its label."""
+    labels = torch.arange(count) % classes
+    images = (10 + 40 * labels).to(torch.uint8)[:, None, None, None].expand(count, 3, size, size).contiguous()
+    return ImageSet(labels, images)
+
+
+def loader_for(imageset, rank=0, world=1, batch_size=16, micro_batch=16, stream=False, crop=(32, 32), resize=(40, 40)):
+    augmentation = Augmentation(crop, (0.0,) * 3, (1.0,) * 3, CPU)
+    common = dict(device=CPU, resize=resize, flip=True, seed=3, batch_size=batch_size, micro_batch=micro_batch,
+                  rank=rank, world=world)
+    if stream:
+        return StreamLoader(imageset, augmentation, num_workers=0, **common)
+    return DeviceLoader(imageset, augmentation, **common)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_labels_stay_aligned_after_augmentation(stream):
+    loader = loader_for(label_coded(), stream=stream)
+    batches = list(loader.train_epoch(0))
+    assert len(batches) == 96 // 16
+    for images, labels in batches:
+        assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+        decoded = ((images * 255).round().long()[:, 0, 0, 0] - 10) // 40
+        assert torch.equal(decoded, labels)
+
+
+def test_crops_and_flips_match_slicing():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 12, 10), dtype=torch.uint8)
+    augmentation = Augmentation((7, 6), (0.0,) * 3, (1.0,) * 3, CPU)
+    top, left = torch.randint(0, 6, (8,)), torch.randint(0, 5, (8,))
+    flip = torch.tensor([True, False] * 4)
+    out = augmentation.crop_flip(images, top, left, flip)
+    for i in range(8):
+        expected = images[i, :, top[i]:top[i] + 7, left[i]:left[i] + 6]
+        assert torch.equal(out[i], expected.flip(-1) if flip[i] else expected)
+
+
+def test_evaluation_transform_is_deterministic_centre_crop():
+    images = torch.randint(0, 256, (4, 3, 70, 70), dtype=torch.uint8)
+    augmentation = Augmentation((64, 64), (0.5,) * 3, (0.5,) * 3, CPU)
+    first, second = augmentation.centre(images), augmentation.centre(images)
+    assert torch.equal(first, second)
+    expected = (images[..., 3:67, 3:67].float() / 255 - 0.5) / 0.5
+    assert torch.allclose(first, expected, atol=1e-6)
+
+
+def test_training_transform_is_random_but_seeded():
+    plans = [draw_plan(500, (70, 70), (64, 64), True, seed, epoch) for seed, epoch in [(0, 0), (0, 1), (0, 0)]]
+    assert not torch.equal(plans[0].top, plans[1].top)
+    assert not torch.equal(plans[0].order, plans[1].order)
+    assert torch.equal(plans[0].top, plans[2].top) and torch.equal(plans[0].flip, plans[2].flip)
+    assert 0 < plans[0].flip.float().mean() < 1 and plans[0].top.max() == 6
+    no_flip = draw_plan(500, (70, 70), (64, 64), False, 0, 0)
+    assert not no_flip.flip.any()
+
+
+def test_ranks_and_micro_steps_share_each_epoch_without_overlap():
+    imageset = ImageSet(torch.arange(100), torch.zeros(100, 3, 40, 40, dtype=torch.uint8))
+    seen = []
+    for rank in range(2):
+        loader = loader_for(imageset, rank=rank, world=2, batch_size=32, micro_batch=8)
+        seen += [labels for _, labels in loader.train_epoch(0)]
+    seen = torch.cat(seen)
+    assert len(seen) == 96 and len(set(seen.tolist())) == 96  # 3 steps of 32, each image once
+    single = torch.cat([labels for _, labels in loader_for(imageset, batch_size=32, micro_batch=32).train_epoch(0)])
+    assert sorted(seen.tolist()) == sorted(single.tolist())
+
+
+def test_evaluation_shards_cover_every_image_once():
+    imageset = ImageSet(torch.arange(23), torch.zeros(23, 3, 40, 40, dtype=torch.uint8))
+    counted = []
+    for rank in range(3):
+        batches = list(loader_for(imageset, rank=rank, world=3).eval_batches(4))
+        assert len(batches) == 2  # every rank runs the same number of batches
+        counted += [label for _, labels, valid in batches for label in labels[:valid].tolist()]
+    assert sorted(counted) == list(range(23))
+
+
+def test_split_is_disjoint_reproducible_and_without_replacement():
+    train, val = split_indices(1000, 0.1, 0.5, seed=7)
+    assert len(val) == 100 and len(train) == 450
+    assert not set(train.tolist()) & set(val.tolist())
+    assert len(set(train.tolist())) == len(train)
+    again_train, again_val = split_indices(1000, 0.1, 0.5, seed=7)
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)
+    other_train, _ = split_indices(1000, 0.1, 0.5, seed=8)
+    assert not torch.equal(train, other_train)
+    assert len(split_indices(1000, 0.0, 1.0, seed=0)[1]) == 0
+
+
+def test_fake_data_is_deterministic_and_labelled():
+    first, second = fake(), fake()
+    assert torch.equal(first[0].images, second[0].images) and torch.equal(first[0].labels, second[0].labels)
+    assert first[0].images.shape == (1000, 3, 32, 32) and first[0].images.dtype == torch.uint8
+    assert set(first[0].labels.tolist()) == set(range(10))
+
+
+# ---------------------------------------------------------------- data sets on disk
+
+
+def write_folder(root: Path, split: str, per_class=3, classes=("cat", "dog"), sizes=((32, 32),)):
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            height, width = sizes[i % len(sizes)]
+            image = torch.full((3, height, width), 30 + 100 * label, dtype=torch.uint8)
+            if i % 2:
+                write_png(image, str(folder / f"{i}.png"))
+            else:
+                write_jpeg(image, str(folder / f"{i}.jpg"), quality=95)
+
+
+def folder_config(root, **flags):
+    return Config.from_flags({"dataset": "folder", "data_dir": str(root), "val_size": 0.0, "num_workers": 0, **flags})
+
+
+@pytest.fixture
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def test_folder_with_test_split(tmp_path, accelerator):
+    write_folder(tmp_path, "train")
+    write_folder(tmp_path, "test", per_class=2)
+    data = load_data(folder_config(tmp_path), accelerator)
+    assert data.classes == ["cat", "dog"]
+    assert len(data.train) == 6 and len(data.test) == 4 and data.val is None
+    assert data.train.images.shape == (6, 3, 32, 32)
+    means = data.train.images.float().mean(dim=(1, 2, 3))
+    assert torch.equal((means > 80).long(), data.train.labels)  # labels follow the class folders
+
+
+def test_folder_without_test_split_says_so(tmp_path, accelerator):
+    write_folder(tmp_path, "train", sizes=((32, 32), (20, 48)))
+    data = load_data(folder_config(tmp_path, resize=70, random_crop=64), accelerator)
+    assert data.test is None and "no test/" in data.test_note
+    assert data.train.images.shape == (6, 3, 70, 70)  # mixed sizes are resized when decoded
+
+
+def test_folder_cache_is_reused_and_never_stale(tmp_path, accelerator, monkeypatch):
+    write_folder(tmp_path, "train")
+    first = load_data(folder_config(tmp_path), accelerator).train.images
+    assert list((tmp_path / ".alexnet_dist_cache").glob("images-*.pt"))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again although the cache is valid")
+
+    monkeypatch.setattr(data_module, "_decode_all", no_decoding)
+    assert torch.equal(load_data(folder_config(tmp_path), accelerator).train.images, first)
+    write_folder(tmp_path, "train", per_class=4)  # a new file changes the key
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_data(folder_config(tmp_path), accelerator)
+
+
+def test_folder_errors_name_the_problem(tmp_path, accelerator):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_data(folder_config(tmp_path / "missing"), accelerator)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no train/ folder"):
+        load_data(folder_config(tmp_path / "empty"), accelerator)
+    write_folder(tmp_path / "broken", "train")
+    bad = tmp_path / "broken" / "train" / "cat" / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UsageError, match="bad.jpg"):
+        load_data(folder_config(tmp_path / "broken"), accelerator)
+
+
+def test_cifar10_batches_on_disk(tmp_path, accelerator):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = torch.randint(10, (4,), generator=generator)
+        pixels = torch.randint(0, 256, (4, 3072), dtype=torch.uint8, generator=generator)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": pixels.numpy(), b"labels": labels.tolist()}, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25}), accelerator)
+    assert len(data.train) == 15 and len(data.val) == 5 and len(data.test) == 4
+    assert data.classes[0] == "c0" and data.train.images.shape == (15, 3, 32, 32)
+    (folder / "data_batch_3").write_bytes(b"truncated")
+    with pytest.raises(UsageError, match="data_batch_3 is missing or corrupt"):
+        load_data(Config.from_flags({"data_dir": str(tmp_path)}), accelerator)
