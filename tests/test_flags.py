@@ -1,0 +1,102 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet_dist.checkpoint import save_weights
+from alexnet_dist.cli import main, parse_flags
+from alexnet_dist.config import DEFAULTS
+from alexnet_dist.model import alexnet
+from conftest import QUICK, run_cli
+
+
+@pytest.mark.parametrize("argv", [["--resize=[70,70]"], ["--resize", "70,70"], ["--resize", "70"], ["--resize=70x70"]])
+def test_list_forms(argv):
+    assert parse_flags(argv).resize == (70, 70)
+
+
+def test_triples_booleans_and_defaults():
+    cfg = parse_flags(["--mean", "0.4,0.5,0.6", "--std=[0.2,0.2,0.2]", "--notrain", "--load_model_path", "w.pth",
+                       "--nesterov=False", "--tags", "a,b"])
+    assert cfg.mean == (0.4, 0.5, 0.6) and cfg.std == (0.2, 0.2, 0.2)
+    assert cfg.train is False and cfg.nesterov is False and cfg.tags == ("a", "b")
+    assert parse_flags([]).to_dict() == {**DEFAULTS, "tags": ()}
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr()
+    shown = text.out + text.err
+    missing = [name for name in DEFAULTS if f"--{name}" not in shown]
+    assert not missing, missing
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Weights files for the bad-input table, kept outside the folder the run starts in."""
+    folder = tmp_path_factory.mktemp("weights")
+    for name, model in [("two_columns.pth", alexnet(groups=2)), ("five_classes.pth", alexnet(num_classes=5))]:
+        save_weights(folder / name, model, {}, [str(i) for i in range(model.classifier[-1].out_features)])
+    (folder / "notes.txt").write_text("not weights")
+    torch.save({"something": "else"}, folder / "other.pth")
+    return folder
+
+
+BAD_INPUTS = [
+    (["--no_such_flag", "1"], "unknown flag --no_such_flag"),
+    (["stray"], "unexpected argument stray"),
+    (["--val_size", "-0.1"], "--val_size must be in [0.0, 1.0)"),
+    (["--val_size", "1"], "--val_size"),
+    (["--fraction_of_data", "0"], "--fraction_of_data must be in (0.0, 1.0]"),
+    (["--fraction_of_data", "1.5"], "--fraction_of_data"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "-8"], "--batch_size"),
+    (["--batch_size", "30", "--grad_accum_steps", "4"], "use a multiple of 4"),
+    (["--random_crop", "80"], "--random_crop 80,80 is larger than --resize 70,70"),
+    (["--random_crop", "32", "--resize", "32"], "at least 63x63"),
+    (["--mean", "0.5,0.5"], "--mean must be three numbers"),
+    (["--std", "0.5,0,0.5"], "--std must be greater than 0.0"),
+    (["--std", "1,2,3,4"], "--std must be three numbers"),
+    (["--num_epochs", "0"], "--num_epochs must be at least 1"),
+    (["--batch_size", "abc"], "--batch_size must be an integer"),
+    (["--groups", "3"], "--groups must be one of 1, 2"),
+    (["--device", "cuda"], "--device cuda: no GPU"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
+    (["--mixed_precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
+    (["--dataset", "folder", "--data_dir", "nowhere"], "--data_dir nowhere does not exist"),
+    (["--dataset", "folder", "--data_dir", "."], "has no train/ folder"),
+    (["--train=False"], "--load_model_path"),
+    (["--load_model_path", "missing.pth"], "missing.pth does not exist"),
+    (["--load_model_path", "{weights}/notes.txt"], "is not a weights file"),
+    (["--load_model_path", "{weights}/other.pth"], "is not a weights file"),
+    (["--load_model_path", "{weights}/two_columns.pth"], "groups=2 and 10 classes"),
+    (["--load_model_path", "{weights}/five_classes.pth", "--train=False"], "groups=1 and 5 classes"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, weights, capsys, tmp_path):
+    argv = [arg.format(weights=weights) for arg in argv]
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(QUICK + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    result = run_cli(QUICK + ["--val_size=-0.1"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --val_size must be in [0.0, 1.0), got -0.1"
+    assert not list(Path(tmp_path).iterdir())
+
+
+def test_readme_flag_table_lists_every_flag():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in DEFAULTS if f"| `{name}` |" not in readme]
+    assert not missing, missing

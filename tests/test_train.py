@@ -1,0 +1,72 @@
+"""Smoke runs of the real entry point on generated data, on one and two CPU processes."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from alexnet_dist.checkpoint import read_weights
+from alexnet_dist.model import alexnet
+from conftest import QUICK, ROOT, run_cli
+
+HELPER = ROOT / "tests" / "rank_weights.py"
+
+
+def test_train_then_evaluate_saved_weights(tmp_path):
+    result = run_cli(QUICK + ["--save", "out/model.pth", "--log_freq", "2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "global batch 32 = 1 process(es) x 1 accumulation step(s) x 32 images per micro-batch" in result.stdout
+    assert "step 2: training loss" in result.stdout
+    assert re.search(r"epoch 1/1: loss [\d.]+, train accuracy [\d.]+%, validation accuracy [\d.]+%", result.stdout)
+    weights = read_weights(tmp_path / "out" / "model.pth")
+    assert weights["classes"] == [f"pattern{i}" for i in range(10)]
+    assert weights["config"]["batch_size"] == 32 and weights["architecture"] == {"groups": 1, "num_classes": 10}
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    trained = re.search(r"test accuracy ([\d.]+)%", result.stdout).group(1)
+
+    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "out/model.pth"], cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert re.search(r"test accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
+    assert "pattern9" in evaluation.stdout  # per-class lines
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # evaluation writes no run
+
+
+def test_two_processes_end_with_identical_weights(tmp_path):
+    result = run_cli([tmp_path, *QUICK, "--save", "model.pth"], cwd=tmp_path, script=HELPER, processes=2)
+    assert result.returncode == 0, result.stderr
+    assert "2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in result.stdout
+    assert result.stdout.count("test accuracy") == 1  # only the main process prints
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_launch_does_not_change_what_is_learned(tmp_path):
+    """Dropout and random augmentation off: 1 x 32, 2 x 16 and 1 x 2 accumulation x 16 take the same steps."""
+    flags = QUICK + ["--dropout", "0", "--flip=False", "--resize", "64", "--random_crop", "64", "--init", "kaiming",
+                     "--save", "model.pth"]
+    setups = {"one": (1, []), "two_processes": (2, []), "accumulation": (1, ["--grad_accum_steps", "2"])}
+    weights = {}
+    for name, (processes, extra) in setups.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        result = run_cli([folder, *flags, *extra], cwd=folder, script=HELPER, processes=processes)
+        assert result.returncode == 0, result.stderr
+        weights[name] = torch.load(folder / "rank0.pt")
+    for name in ("two_processes", "accumulation"):
+        for key, tensor in weights[name].items():
+            assert torch.allclose(tensor, weights["one"][key], rtol=1e-4, atol=1e-6), (name, key)
+    set_seed(0)
+    initial = alexnet(init="kaiming").state_dict()
+    moved = (weights["one"]["features.0.weight"] - initial["features.0.weight"]).abs().max()
+    assert moved > 100 * 1e-6  # the steps moved the weights far more than the tolerance above
+
+
+def test_console_script_takes_the_same_flags(tmp_path):
+    script = Path(__import__("sys").executable).parent / "alexnet-dist-train"
+    if not script.exists():
+        pytest.skip("package not installed with pip install -e .")
+    result = __import__("subprocess").run([str(script), "--batch_size", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "--batch_size must be at least 1" in result.stderr
