@@ -10,7 +10,10 @@ Where it differs:
   channels, with the columns as grouped convolutions: conv2, conv4 and conv5 see only their own
   column's maps, conv3 and the linear layers see both (the paper's two GPUs).
 - An adaptive average pooling to 6x6 before the classifier (as in torchvision) lets inputs other
-  than 224x224 through; at the seed's 64x64 crops it repeats conv5's single 1x1 map.
+  than 224x224 through. At the seed's 64x64 crops conv5 leaves a single 1x1 map, which the pooling
+  would repeat 36 times; the first linear layer applied to 36 copies equals that layer with its 36
+  positions summed, applied once. `forward` computes it so: the same outputs and gradients (up to
+  float rounding) and the same state_dict, for a 36th of that layer's work (a third of the network's).
 - `init='paper'` draws every weight from N(0, 0.01) and sets the biases of conv2, conv4, conv5
   and the hidden linear layers to 1 (0 elsewhere). It is known to stall without a tuned learning
   rate, so the default is PyTorch's own initialisation.
@@ -87,8 +90,18 @@ class AlexNet(nn.Module):
         if x.shape[-1] < MIN_INPUT or x.shape[-2] < MIN_INPUT:
             raise ValueError(f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}")
         x = self.features(x)
+        if x.shape[-2:] == (1, 1):
+            return self._classify_single_position(torch.flatten(x, 1))
         x = self.avgpool(x)
         return self.classifier(torch.flatten(x, 1))
+
+    def _classify_single_position(self, x: torch.Tensor) -> torch.Tensor:
+        dropout, first, *rest = self.classifier
+        folded = first.weight.unflatten(1, (x.shape[1], 36)).sum(dim=-1)
+        x = nn.functional.linear(dropout(x), folded, first.bias)
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch") -> AlexNet:

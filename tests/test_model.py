@@ -76,3 +76,21 @@ def test_seeded_outputs_are_reproducible():
         model = alexnet().eval()
         outputs.append(model(torch.ones(1, 3, 64, 64)))
     assert torch.equal(*outputs)
+
+
+def test_single_position_shortcut_matches_the_pooled_classifier():
+    """At 64x64 conv5 leaves 1x1 maps: the folded first linear layer gives the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = alexnet(dropout=0.0)
+    images = torch.randn(4, 3, 64, 64)
+    features = torch.flatten(model.avgpool(model.features(images)), 1)
+    assert model.features(images).shape[-2:] == (1, 1)
+    reference = model.classifier(features)
+    reference.square().sum().backward()
+    reference_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    shortcut = model(images)
+    shortcut.square().sum().backward()
+    assert torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, reference_grads[name], rtol=1e-3, atol=1e-7), name
