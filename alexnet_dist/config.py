@@ -8,6 +8,7 @@ Bad values raise `UsageError` with a one-line message that names the flag and wh
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .model import MIN_INPUT
@@ -23,6 +24,7 @@ def flag(default: Any, help: str):
 
 @dataclass(frozen=True)
 class Config:
+    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given here win")
     # the seed's flags, same names and defaults
     load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False")
     save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)")
@@ -47,6 +49,7 @@ class Config:
     warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules")
     plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy before lr /= 10")
     label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)")
+    ema: float = flag(0.0, "decay of an exponential moving average of the weights, evaluated alongside (0: off)")
     dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)")
     seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation")
     grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)")
@@ -55,11 +58,17 @@ class Config:
     dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake")
     data_dir: str = flag("data", "where the data set lives")
     cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)")
-    flip: bool = flag(True, "random horizontal flips in training")
+    flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)")
+    translate: int = flag(0, "extra random shift in pixels beyond the resize-crop margin, borders mirrored")
+    pca_color: float = flag(0.0, "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)")
+    cutout: int = flag(0, "side of a random square set to the mean colour in each training crop (0: off)")
+    tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)")
     loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)")
     num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)")
     # model
     groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network")
+    compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune")
+    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation), true, false")
     init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)")
     # tracking and outputs
     project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)")
@@ -93,6 +102,10 @@ class Config:
                 )
         if self.train and self.num_epochs < 1:
             raise UsageError(f"--num_epochs must be at least 1 when training, got {self.num_epochs}")
+        if self.translate >= min(self.resize):
+            raise UsageError(f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}")
+        if self.cutout > min(self.random_crop):
+            raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         if self.nesterov and self.momentum == 0:
             raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
         if not self.train and self.load_model_path is None:
@@ -100,6 +113,24 @@ class Config:
 
     def help_lines(self) -> list[str]:
         return [f"{f.name}: {f.metadata['help']}" for f in dataclasses.fields(self)]
+
+
+def load_recipe(path) -> dict:
+    """Flag values from a recipe file (YAML mapping of flag names to values)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"--recipe {path} cannot be read ({error.strerror})") from None
+    except yaml.YAMLError:
+        raise UsageError(f"--recipe {path} is not valid YAML") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--recipe {path} must map flag names to values")
+    unknown = sorted(set(values) - set(FIELD_NAMES) - {"recipe"})
+    if unknown:
+        raise UsageError(f"--recipe {path} sets an unknown flag: {unknown[0]}")
+    return {**values, "recipe": str(path)}
 
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]
@@ -227,10 +258,18 @@ CHECKS = {
     "data_dir": _text,
     "cache_dir": _optional_path,
     "flip": _bool,
+    "translate": number(int, low=0),
+    "pca_color": number(float, low=0.0),
+    "cutout": number(int, low=0),
+    "tta": choice("none", "flip", "ten"),
+    "ema": number(float, low=0.0, high=1.0, high_open=True),
+    "recipe": _optional_path,
     "loader": choice("auto", "device", "stream"),
     "num_workers": lambda name, value: None if value is None else _number(name, value, int, low=0),
     "groups": lambda name, value: int(choice("1", "2")(name, value)),
     "init": choice("pytorch", "paper", "kaiming"),
+    "compile": lambda name, value: choice("false", "true", "max-autotune")(name, str(value).lower()),
+    "cuda_graphs": lambda name, value: choice("auto", "true", "false")(name, str(value).lower()),
     "project": _text,
     "run_name": _optional_path,
     "tags": lambda name, value: tuple(str(item).strip() for item in _items(value) if str(item).strip()),

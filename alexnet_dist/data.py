@@ -326,3 +326,11 @@ def load_data(cfg, accelerator) -> Data:
             test_note = ""
     train, val = split(full, cfg.val_size, cfg.fraction_of_data, cfg.seed)
     return Data(train, val, test, classes, test_note)
+
+
+def pixel_sample(imageset: ImageSet, size, max_images: int = 2000) -> torch.Tensor:
+    """uint8 images to estimate colour statistics from: all of them, or a spread of decoded files."""
+    if imageset.images is not None:
+        return imageset.images
+    step = max(1, len(imageset.files) // max_images)
+    return torch.cat([resize_images(read_image(path)[None], size) for path in imageset.files[::step]])

@@ -7,6 +7,7 @@ Losses and accuracies stay on the device and are read (a host synchronisation) o
 disjoint shard and sums it across ranks, so every image is counted exactly once.
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -15,12 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import UsageError
 
-def build_optimizer(model: nn.Module, cfg, device) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        nesterov=cfg.nesterov, fused=device.type in ("cuda", "cpu"),
-    )
+
+def build_optimizer(model: nn.Module, cfg, device, lr_on_device: bool = False) -> torch.optim.SGD:
+    """Fused SGD; with `lr_on_device` the learning rate is a tensor the schedulers fill in place."""
+    lr = torch.tensor(cfg.lr, device=device) if lr_on_device else cfg.lr
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov, fused=True)
 
 
 def lr_factor(schedule: str, step: int, warmup_steps: int, total_steps: int) -> float:
@@ -46,32 +49,162 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int):
 
 
 def accuracy(confusion: torch.Tensor) -> float:
-    return float(confusion.diagonal().sum() / confusion.sum().clamp(min=1))
+    return float(confusion.diagonal().sum().double() / confusion.sum().clamp(min=1).double())
+
+
+TTA_VIEWS = {"none": 1, "flip": 2, "ten": 10}  # how many of Augmentation.views each mode averages
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, batch_size: int) -> torch.Tensor:
-    """Confusion matrix (true class x predicted class) over the whole split, summed across ranks."""
+def evaluate(model, loader, accelerator, num_classes: int, batch_size: int, modes=("none",)) -> dict:
+    """Confusion matrices (true x predicted class), one per test-time mode, over the whole split.
+
+    Each view is computed once: "none" is the centre crop, "flip" adds its mirror image, "ten" the
+    four corners and their mirrors, softmax averaged. Per-rank counts are summed across ranks.
+    """
     model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
-    for images, labels, valid in loader.eval_batches(batch_size):
-        predictions = model(loader.augmentation.centre(images))[:valid].argmax(dim=1)
-        confusion += torch.bincount(labels[:valid] * num_classes + predictions, minlength=num_classes * num_classes)
-    return accelerator.reduce(confusion, reduction="sum").view(num_classes, num_classes).cpu()
+    cells = num_classes * num_classes
+    confusions = torch.zeros(len(modes), cells, dtype=torch.int64, device=accelerator.device)
+    with accelerator.autocast():
+        for images, labels, valid in loader.eval_batches(batch_size):
+            probabilities = 0
+            for count, view in enumerate(loader.augmentation.views(images, max(TTA_VIEWS[m] for m in modes)), 1):
+                probabilities = probabilities + torch.softmax(model(view).float(), dim=1)
+                for index, mode in enumerate(modes):
+                    if TTA_VIEWS[mode] == count:
+                        predictions = probabilities[:valid].argmax(dim=1)
+                        confusions[index] += torch.bincount(labels[:valid] * num_classes + predictions, minlength=cells)
+    confusions = accelerator.reduce(confusions, reduction="sum").view(len(modes), num_classes, num_classes).cpu()
+    return dict(zip(modes, confusions))
+
+
+class WeightAverage:
+    """Exponential moving average of the weights (decay ramped up as (1 + t) / (10 + t) early on)."""
+
+    def __init__(self, model, decay: float):
+        self.parameters = [parameter for parameter in model.parameters()]
+        self.average = [parameter.detach().float().clone() for parameter in self.parameters]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [parameter.detach().float() for parameter in self.parameters], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block (copied in place: CUDA graphs keep working)."""
+        backup = [parameter.detach().clone() for parameter in self.parameters]
+        with torch.no_grad():
+            for parameter, average in zip(self.parameters, self.average):
+                parameter.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, saved in zip(self.parameters, backup):
+                    parameter.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict):
+        for average, saved in zip(self.average, state["average"]):
+            average.copy_(saved)
+        self.updates = state["updates"]
+
+
+class Step:
+    """Forward, loss, backward and (on the last micro-step of an optimizer step) the update.
+
+    Returns the detached loss and logits. This is the canonical Accelerate step; `GraphedStep`
+    records the same calls once as a CUDA graph.
+    """
+
+    def __init__(self, accelerator, model, optimizer, criterion):
+        self.accelerator, self.model, self.optimizer, self.criterion = accelerator, model, optimizer, criterion
+
+    def __call__(self, images, labels):
+        with self.accelerator.accumulate(self.model):
+            logits, loss = self._forward_backward_update(images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+    def _forward_backward_update(self, images, labels):
+        logits = self.model(images)
+        loss = self.criterion(logits, labels)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        return logits, loss
+
+
+class GraphedStep(Step):
+    """The step as one CUDA graph: a single launch per optimizer step instead of about a hundred.
+
+    One CUDA process without accumulation. The first `warmup` steps run eagerly on a side stream
+    (they are real training steps, and create the momentum buffers); the next one is recorded,
+    then every step copies its batch into the graph's input buffers and replays. The learning rate
+    is a device tensor (see build_optimizer) that the scheduler fills in place, so the graph sees it
+    change. Dropout stays random: CUDA graphs advance the RNG offset on every replay.
+    """
+
+    warmup = 3
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.graph, self.calls = None, 0
+
+    def __call__(self, images, labels):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = super().__call__(images, labels)
+            torch.cuda.current_stream().wait_stream(side)
+            return result
+        if self.graph is None:
+            self._record(images, labels)
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+        return self.static_loss, self.static_logits
+
+    def _record(self, images, labels):
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # backward then writes, not adds, the gradients
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            logits, loss = self._forward_backward_update(self.static_images, self.static_labels)
+        self.static_logits, self.static_loss = logits.detach(), loss.detach()
+
+
+def use_cuda_graphs(cfg, accelerator) -> bool:
+    """auto: on one CUDA process without accumulation or fp16's loss scaling."""
+    possible = (accelerator.device.type == "cuda" and accelerator.num_processes == 1 and cfg.grad_accum_steps == 1
+                and accelerator.mixed_precision != "fp16")
+    if cfg.cuda_graphs == "auto":
+        return possible
+    if cfg.cuda_graphs == "true" and not possible:
+        raise UsageError("--cuda_graphs True needs one CUDA process, grad_accum_steps 1 and no fp16; use auto or False")
+    return cfg.cuda_graphs == "true"
 
 
 class Trainer:
     """Holds the prepared model, optimizer and scheduler, and the count of optimizer steps."""
 
-    def __init__(self, cfg, accelerator, model, optimizer, scheduler, train_loader, log):
+    def __init__(self, cfg, accelerator, model, optimizer, scheduler, train_loader, log, graphs: bool = False):
         self.cfg, self.accelerator, self.model = cfg, accelerator, model
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.optimizer, self.scheduler, self.loader, self.log = optimizer, scheduler, train_loader, log
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.step = (GraphedStep if graphs else Step)(accelerator, model, optimizer, criterion)
         self.global_step = 0
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train_epoch(self, epoch: int, start_step: int = 0) -> dict:
         """One epoch from optimizer step `start_step`; returns its mean loss, accuracy and speed."""
@@ -80,44 +213,44 @@ class Trainer:
         steps = self.loader.steps_per_epoch - start_step
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, dynamic_ncols=True,
                    disable=not (accelerator.is_main_process and sys.stderr.isatty()))
-        loss_sum, window_loss = torch.zeros((), device=device), torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, window_micro, started = 0, 0, time.perf_counter()
+        totals = torch.zeros(2, device=device)  # loss sum, correct predictions: of the epoch
+        window = torch.zeros(2, device=device)  # the same since the last log
+        seen, window_micro, window_images, started = 0, 0, 0, time.perf_counter()
         for images, labels in self.loader.train_epoch(epoch, start_step):
-            with accelerator.accumulate(self.model):
-                logits = self.model(images)
-                loss = self.criterion(logits, labels)
-                accelerator.backward(loss)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            window_loss += loss.detach()
+            loss, logits = self.step(images, labels)
+            both = torch.stack([loss.float(), (logits.argmax(dim=1) == labels).sum().float()])
+            totals += both
+            window += both
             window_micro += 1
-            correct += (logits.argmax(dim=1) == labels).sum()
+            window_images += len(labels)
             seen += len(labels)
             if not accelerator.sync_gradients:
                 continue
             self.global_step += 1
+            if self.average is not None:
+                self.average.update()
             if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step()
             bar.update(1)
             if self.global_step % cfg.log_freq == 0:
-                train_loss = accelerator.reduce(window_loss / window_micro, reduction="mean").item()
+                loss_sum, correct_sum = accelerator.reduce(window, reduction="sum").tolist()
+                train_loss = loss_sum / (window_micro * accelerator.num_processes)
+                images_sum = window_images * accelerator.num_processes
                 rate = seen * accelerator.num_processes / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{train_loss:.3f}", img_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{correct_sum / images_sum:.3f}", img_s=f"{rate:,.0f}")
                 if accelerator.is_main_process:
                     bar.write(f"step {self.global_step}: training loss {train_loss:.4f}, lr {self.lr:.4g}, {rate:,.0f} images/s")
                 self.log({"Loss/Train": train_loss, "lr": self.lr}, step=self.global_step)
-                window_loss.zero_()
-                window_micro = 0
+                window.zero_()
+                window_micro = window_images = 0
         bar.close()
-        totals = accelerator.reduce(torch.stack([loss_sum, correct.to(loss_sum.dtype)]), reduction="sum").tolist()
+        loss_sum, correct_sum = accelerator.reduce(totals, reduction="sum").tolist()
         seconds = time.perf_counter() - started
         images_seen = seen * accelerator.num_processes
         micro_batches = max(1, steps * cfg.grad_accum_steps * accelerator.num_processes)
         return {
-            "train_loss": totals[0] / micro_batches,
-            "train_accuracy": totals[1] / max(1, images_seen),
+            "train_loss": loss_sum / micro_batches,
+            "train_accuracy": correct_sum / max(1, images_seen),
             "images_per_second": images_seen / seconds,
             "epoch_seconds": seconds,
         }

@@ -8,6 +8,7 @@ whatever the launch. The last partial batch is dropped so that every step has th
 """
 
 import math
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,10 +22,11 @@ class DeviceLoader:
 
     streams = False  # True: batches come from DataLoader workers, which take CPU indices
 
-    def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, flip: bool, seed: int,
-                 batch_size: int, micro_batch: int, rank: int, world: int):
-        self.augmentation, self.device, self.resize, self.flip, self.seed = augmentation, device, tuple(resize), flip, seed
+    def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, batch_size: int,
+                 micro_batch: int, rank: int, world: int, plan):
+        self.augmentation, self.device, self.resize = augmentation, device, tuple(resize)
         self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
+        self.plan = plan  # epoch -> EpochPlan
         self.accum = batch_size // (micro_batch * world)
         self.labels = imageset.labels.to(device)
         self.count = len(imageset)
@@ -48,7 +50,7 @@ class DeviceLoader:
 
     def train_epoch(self, epoch: int, start_step: int = 0):
         """This rank's (images, labels) micro-batches of `epoch`, from optimizer step `start_step` on."""
-        cpu_plan = draw_plan(self.count, self.resize, self.augmentation.crop, self.flip, self.seed, epoch)
+        cpu_plan = self.plan(epoch)
         plan = cpu_plan.to(self.device)
         slices = list(self._micro_slices(start_step))
         images = self._batches(cpu_plan.order[a:b] if self.streams else plan.order[a:b] for a, b in slices)
@@ -95,10 +97,10 @@ class StreamLoader(DeviceLoader):
 
 
 def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int):
-    common = dict(
-        device=device, resize=cfg.resize, flip=cfg.flip, seed=cfg.seed, batch_size=cfg.batch_size,
-        micro_batch=micro_batch, rank=rank, world=world,
-    )
+    plan = partial(draw_plan, len(imageset), cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,
+                   translate=cfg.translate, colour_std=cfg.pca_color)
+    common = dict(device=device, resize=cfg.resize, batch_size=cfg.batch_size, micro_batch=micro_batch, rank=rank,
+                  world=world, plan=plan)
     if imageset.images is not None and cfg.loader != "stream":
         return DeviceLoader(imageset, augmentation, **common)
     return StreamLoader(imageset, augmentation, num_workers=worker_count(cfg.num_workers), **common)

@@ -9,7 +9,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import AutocastKwargs, TorchDynamoPlugin, broadcast_object_list, gather_object
 
 from .config import UsageError
 
@@ -32,6 +32,14 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no GPU is visible to PyTorch here; use --device auto or --device cpu")
     on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if not on_cpu:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dynamo = None
+    if cfg.compile != "false":
+        # our CUDA graphs already remove launch overhead; inductor's own would nest inside them
+        mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs"}[cfg.compile]
+        dynamo = TorchDynamoPlugin(backend="inductor", mode=mode)
     return Accelerator(
         cpu=on_cpu,  # also what makes Accelerate see torchrun's processes as MULTI_CPU
         mixed_precision=resolve_precision(cfg.mixed_precision, on_cpu),
@@ -39,6 +47,8 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
         step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, not once per process
         log_with=log_with,
         project_dir=project_dir,
+        dynamo_plugin=dynamo,
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],  # casts recorded in CUDA graphs must not be cached
     )
 
 

@@ -4,11 +4,14 @@ W&B never prompts: it runs online when credentials exist (WANDB_API_KEY or a `wa
 offline otherwise (saying where the run is and how to upload it), and WANDB_MODE wins over both.
 """
 
+import json
 import netrc
 import os
+import time
 from pathlib import Path
 
 from .config import UsageError
+from .plot import draw_confusion, draw_curves
 
 
 def wandb_credentials() -> bool:
@@ -34,27 +37,62 @@ def check_logger(logger: str):
 
 
 class Tracker:
-    """Start the tracker run, log to it, end it; a no-op where logger is none."""
+    """The tracker run (if any) plus, always, the run directory's metrics.jsonl and PNG plots.
+
+    Every method is a no-op on ranks other than the main process (Accelerate's trackers too).
+    """
 
     def __init__(self, accelerator, cfg, run_dir: Path, config: dict):
-        self.accelerator, self.offline_note = accelerator, ""
+        self.accelerator, self.run_dir, self.logger, self.offline_note = accelerator, Path(run_dir), cfg.logger, ""
+        self.main, self.drawn_at = accelerator.is_main_process, time.perf_counter()
         init_kwargs = {}
-        if cfg.logger == "wandb" and accelerator.is_main_process:
+        if cfg.logger == "wandb" and self.main:
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
             os.environ["WANDB_MODE"] = mode
             if mode == "offline":
-                self.offline_note = (f"W&B ran offline (no credentials found); upload the run with: "
-                                     f"wandb sync {run_dir / 'wandb'}/offline-run-*")
-            init_kwargs["wandb"] = {"name": run_dir.name if cfg.run_name is None else cfg.run_name,
-                                    "tags": list(cfg.tags), "dir": str(run_dir)}
+                self.offline_note = f"W&B ran offline; upload the run with: wandb sync {self.run_dir / 'wandb'}/offline-run-*"
+            init_kwargs["wandb"] = {"name": cfg.run_name or self.run_dir.name, "tags": list(cfg.tags),
+                                    "dir": str(self.run_dir)}
         if cfg.logger != "none":
-            accelerator.project_configuration.set_directories(str(run_dir))
+            accelerator.project_configuration.set_directories(str(self.run_dir))
             accelerator.init_trackers(cfg.project, config=config, init_kwargs=init_kwargs)
 
     def log(self, values: dict, step: int):
         self.accelerator.log(values, step=step)
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
 
-    def finish(self):
+    def epoch_done(self, last: bool = False):
+        """Redraw the PNG curves: after the last epoch, and after others when 30 s have passed (a draw costs ~0.3 s)."""
+        if self.main and (last or time.perf_counter() - self.drawn_at > 30):
+            draw_curves([self.run_dir], self.run_dir)
+            self.drawn_at = time.perf_counter()
+
+    def _wandb_run(self):
+        return self.accelerator.get_tracker("wandb", unwrap=True) if self.logger == "wandb" else None
+
+    def finish(self, confusion=None, classes=None, weights_path=None, step: int = 0):
+        """Confusion matrix (PNG, and a W&B table and image), weights as a W&B artifact when online, end."""
+        if self.main and confusion is not None:
+            picture = draw_confusion(confusion, classes, self.run_dir / "ConfusionMatrix.png")
+            wandb_run = self._wandb_run()
+            if wandb_run is not None:
+                import wandb
+
+                rows = [[true, predicted, int(confusion[i, j])] for i, true in enumerate(classes)
+                        for j, predicted in enumerate(classes)]
+                per_class = (confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)).tolist()
+                wandb_run.log({"test/confusion_matrix": wandb.Table(columns=["true", "predicted", "count"], data=rows),
+                               "test/per_class_accuracy": wandb.Table(columns=["class", "accuracy"],
+                                                                      data=[list(r) for r in zip(classes, per_class)]),
+                               "test/confusion_matrix_image": wandb.Image(str(picture))}, step=step)
+        if self.main and weights_path is not None and self._wandb_run() is not None and os.environ.get("WANDB_MODE") == "online":
+            import wandb
+
+            artifact = wandb.Artifact(f"alexnet-{self.run_dir.name}", type="model")
+            artifact.add_file(str(weights_path))
+            self._wandb_run().log_artifact(artifact)
         self.accelerator.end_training()
         if self.offline_note:
             self.accelerator.print(self.offline_note)

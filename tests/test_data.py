@@ -1,5 +1,5 @@
-import os
 import pickle
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ from alexnet_dist import data as data_module
 from alexnet_dist.config import Config, UsageError
 from alexnet_dist.data import ImageSet, fake, load_data, split_indices
 from alexnet_dist.loaders import DeviceLoader, StreamLoader
-from alexnet_dist.transforms import Augmentation, draw_plan
+from alexnet_dist.transforms import Augmentation, colour_pca, draw_plan
 
 CPU = torch.device("cpu")
 
@@ -25,8 +25,9 @@ def label_coded(count=96, classes=6, size=40) -> ImageSet:
 
 def loader_for(imageset, rank=0, world=1, batch_size=16, micro_batch=16, stream=False, crop=(32, 32), resize=(40, 40)):
     augmentation = Augmentation(crop, (0.0,) * 3, (1.0,) * 3, CPU)
-    common = dict(device=CPU, resize=resize, flip=True, seed=3, batch_size=batch_size, micro_batch=micro_batch,
-                  rank=rank, world=world)
+    plan = partial(draw_plan, len(imageset), resize, crop, True, 3)
+    common = dict(device=CPU, resize=resize, batch_size=batch_size, micro_batch=micro_batch, rank=rank, world=world,
+                  plan=plan)
     if stream:
         return StreamLoader(imageset, augmentation, num_workers=0, **common)
     return DeviceLoader(imageset, augmentation, **common)
@@ -203,3 +204,59 @@ def test_cifar10_batches_on_disk(tmp_path, accelerator):
     (folder / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(UsageError, match="data_batch_3 is missing or corrupt"):
         load_data(Config.from_flags({"data_dir": str(tmp_path)}), accelerator)
+
+
+def test_translation_mirrors_the_borders():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 10, 10), dtype=torch.uint8)
+    augmentation = Augmentation((8, 8), (0.0,) * 3, (1.0,) * 3, CPU)
+    top, left = torch.tensor([-3, 0, 5, -1, 2, 4]), torch.tensor([2, -3, 5, 0, -2, 1])
+    out = augmentation.crop_flip(images, top, left, torch.zeros(6, dtype=torch.bool))
+    padded = torch.nn.functional.pad(images.float(), (3, 3, 3, 3), mode="reflect").to(torch.uint8)
+    for i in range(6):
+        assert torch.equal(out[i], padded[i, :, top[i] + 3:top[i] + 11, left[i] + 3:left[i] + 11])
+    plan = draw_plan(2000, (70, 70), (64, 64), True, 0, 0, translate=5)
+    assert plan.top.min() == -5 and plan.top.max() == 11
+
+
+def test_cutout_blanks_one_square_to_the_mean():
+    images = torch.full((4, 3, 20, 20), 200, dtype=torch.uint8)
+    augmentation = Augmentation((16, 16), (0.5,) * 3, (0.5,) * 3, CPU, cutout=6)
+    plan = draw_plan(4, (20, 20), (16, 16), False, 0, 0)
+    out = augmentation.train(images, plan)
+    for i in range(4):
+        blank = (out[i, 0] == 0)
+        rows, cols = blank.any(dim=1).nonzero().flatten(), blank.any(dim=0).nonzero().flatten()
+        assert blank.sum() == len(rows) * len(cols) and 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6
+        assert abs(rows.float().mean() - plan.cut_y[i]) <= 1.5
+    assert (out != 0).sum() >= 4 * 3 * (16 * 16 - 36)
+
+
+def test_pca_colour_follows_the_data_covariance():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(4000, 1, generator=generator)
+    pixels = torch.cat([base, 0.5 * base, 0.1 * torch.rand(4000, 1, generator=generator)], dim=1)
+    images = (pixels * 255).round().to(torch.uint8).T.reshape(3, 4000, 1, 1).permute(1, 0, 2, 3)
+    basis = colour_pca(images)
+    eigenvalues = basis.norm(dim=0)
+    strongest = basis[:, eigenvalues.argmax()] / eigenvalues.max()
+    assert abs(abs(strongest[1] / strongest[0]) - 0.5) < 0.02  # along (1, 0.5, ~0)
+    covariance = torch.cov(pixels.T.double()).float()
+    assert torch.allclose(eigenvalues.sort().values, torch.linalg.eigvalsh(covariance), rtol=0.05, atol=1e-4)
+    augmentation = Augmentation((1, 1), (0.0,) * 3, (1.0,) * 3, CPU, colour_basis=basis)
+    colour = torch.zeros(2, 3)
+    colour[0, eigenvalues.argmax()] = 1.0
+    shifted, plain = augmentation.normalise(images[:2], colour=colour), augmentation.normalise(images[:2])
+    assert torch.allclose(shifted[0] - plain[0], basis[:, eigenvalues.argmax()].view(3, 1, 1), atol=1e-5)
+    assert torch.equal(shifted[1], plain[1])
+
+
+def test_ten_test_views_are_the_papers():
+    images = torch.arange(10 * 12, dtype=torch.float32).view(1, 1, 10, 12).expand(1, 3, 10, 12).to(torch.uint8)
+    augmentation = Augmentation((6, 6), (0.0,) * 3, (1.0 / 255,) * 3, CPU)
+    views = [view[0, 0] for view in augmentation.views(images, 10)]
+    source = images[0, 0].float()
+    expected = [source[2:8, 3:9], source[:6, :6], source[:6, 6:], source[4:, :6], source[4:, 6:]]
+    for index, crop in enumerate(expected):
+        assert torch.equal(views[2 * index], crop) and torch.equal(views[2 * index + 1], crop.flip(-1))
+    assert torch.equal(augmentation.centre(images)[0, 0], expected[0])

@@ -24,11 +24,11 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert weights["classes"] == [f"pattern{i}" for i in range(10)]
     assert weights["config"]["batch_size"] == 32 and weights["architecture"] == {"groups": 1, "num_classes": 10}
     assert len(list((tmp_path / "runs").iterdir())) == 1
-    trained = re.search(r"test accuracy ([\d.]+)%", result.stdout).group(1)
+    trained = re.search(r"test \(tta none\) accuracy ([\d.]+)%", result.stdout).group(1)
 
     evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "out/model.pth"], cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
-    assert re.search(r"test accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
+    assert re.search(r"test \(tta none\) accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
     assert "pattern9" in evaluation.stdout  # per-class lines
     assert len(list((tmp_path / "runs").iterdir())) == 1  # evaluation writes no run
 
@@ -37,7 +37,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     result = run_cli([tmp_path, *QUICK, "--save", "model.pth"], cwd=tmp_path, script=HELPER, processes=2)
     assert result.returncode == 0, result.stderr
     assert "2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in result.stdout
-    assert result.stdout.count("test accuracy") == 1  # only the main process prints
+    assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     assert len(list((tmp_path / "runs").iterdir())) == 1
