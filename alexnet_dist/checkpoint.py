@@ -46,7 +46,10 @@ def read_weights(path) -> dict:
     if isinstance(payload, dict) and payload.get("format") == WEIGHTS_FORMAT:
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return {"state_dict": payload, "config": None, "classes": None, "architecture": _infer_architecture(payload)}
+        arch = _infer_architecture(payload)
+        if arch is None:
+            raise UsageError(f"--load_model_path {path} holds the weights of another network, not AlexNet's")
+        return {"state_dict": payload, "config": None, "classes": None, "architecture": arch}
     raise UsageError(f"--load_model_path {path} is not a weights file (no AlexNet state_dict in it)")
 
 

@@ -26,6 +26,7 @@ from . import __version__
 from .engine import TTA_VIEWS, Trainer, accuracy, build_optimizer, build_scheduler, evaluate, use_cuda_graphs
 from .loaders import make_loader
 from .model import alexnet
+from .predict import predict
 from .runtime import agree, breakdown, build_accelerator, micro_batch_size, shared_value
 from .tracking import Tracker, check_logger
 from .transforms import Augmentation, colour_pca
@@ -123,7 +124,10 @@ class Evaluator:
 
 
 def run(cfg: Config):
-    """Train (or only evaluate) as `cfg` says; returns the unwrapped model, on every rank."""
+    """Train (or only evaluate, or predict) as `cfg` says; returns the unwrapped model, on every rank."""
+    if cfg.predict:
+        accelerator = build_accelerator(cfg)
+        return agree(accelerator, lambda: predict(cfg, accelerator))
     if cfg.train:
         check_logger(cfg.logger)
     accelerator = build_accelerator(cfg, log_with=None if cfg.logger == "none" or not cfg.train else cfg.logger,

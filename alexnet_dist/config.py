@@ -65,6 +65,10 @@ class Config:
     tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)")
     loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)")
     num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)")
+    # predictions
+    predict: tuple = flag((), "image files or folders to classify with load_model_path (instead of training)")
+    top_k: int = flag(3, "predict: how many classes to list per image")
+    predict_json: str | None = flag(None, "predict: also write the predictions to this JSON file")
     # model
     groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network")
     compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune")
@@ -108,6 +112,8 @@ class Config:
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         if self.nesterov and self.momentum == 0:
             raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
+        if self.predict and self.load_model_path is None:
+            raise UsageError("--predict classifies images with saved weights: give them with --load_model_path")
         if not self.train and self.load_model_path is None:
             raise UsageError("--train=False evaluates saved weights: give them with --load_model_path")
 
@@ -268,6 +274,10 @@ CHECKS = {
     "num_workers": lambda name, value: None if value is None else _number(name, value, int, low=0),
     "groups": lambda name, value: int(choice("1", "2")(name, value)),
     "init": choice("pytorch", "paper", "kaiming"),
+    "predict": lambda name, value: tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value])
+                                         if str(item)) if value not in (None, "") else (),
+    "top_k": number(int, low=1),
+    "predict_json": _optional_path,
     "compile": lambda name, value: choice("false", "true", "max-autotune")(name, str(value).lower()),
     "cuda_graphs": lambda name, value: choice("auto", "true", "false")(name, str(value).lower()),
     "project": _text,

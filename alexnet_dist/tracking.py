@@ -48,14 +48,20 @@ class Tracker:
         init_kwargs = {}
         if cfg.logger == "wandb" and self.main:
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
-            os.environ["WANDB_MODE"] = mode
-            if mode == "offline":
-                self.offline_note = f"W&B ran offline; upload the run with: wandb sync {self.run_dir / 'wandb'}/offline-run-*"
-            init_kwargs["wandb"] = {"name": cfg.run_name or self.run_dir.name, "tags": list(cfg.tags),
-                                    "dir": str(self.run_dir)}
+            os.environ["WANDB_MODE"] = mode  # decided here, so wandb never stops to ask for a login
+            init_kwargs["wandb"] = {"name": cfg.run_name or self.run_dir.name, "tags": list(cfg.tags)}
+            if not os.environ.get("WANDB_DIR"):
+                init_kwargs["wandb"]["dir"] = str(self.run_dir)
         if cfg.logger != "none":
-            accelerator.project_configuration.set_directories(str(self.run_dir))
-            accelerator.init_trackers(cfg.project, config=config, init_kwargs=init_kwargs)
+            accelerator.project_configuration.project_dir = str(self.run_dir)
+            accelerator.project_configuration.logging_dir = str(self.run_dir)  # TensorBoard writes here
+            # TensorBoard's hyper-parameters take numbers, text and booleans only: lists and None become text
+            plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in config.items()}
+            accelerator.init_trackers(cfg.project, config=plain, init_kwargs=init_kwargs)
+        wandb_run = self._wandb_run()
+        if wandb_run is not None and os.environ["WANDB_MODE"] == "offline":
+            where = Path(wandb_run.dir).parent
+            self.offline_note = f"W&B ran offline (no credentials found, or WANDB_MODE=offline): upload with  wandb sync {where}"
 
     def log(self, values: dict, step: int):
         self.accelerator.log(values, step=step)
@@ -70,7 +76,9 @@ class Tracker:
             self.drawn_at = time.perf_counter()
 
     def _wandb_run(self):
-        return self.accelerator.get_tracker("wandb", unwrap=True) if self.logger == "wandb" else None
+        if self.logger != "wandb" or not self.main or os.environ.get("WANDB_MODE") == "disabled":
+            return None
+        return self.accelerator.get_tracker("wandb", unwrap=True)
 
     def finish(self, confusion=None, classes=None, weights_path=None, step: int = 0):
         """Confusion matrix (PNG, and a W&B table and image), weights as a W&B artifact when online, end."""

@@ -1,0 +1,77 @@
+"""Predict the classes of image files with saved weights: top-k classes and probabilities per image.
+
+    python launch/train.py --predict photos/ --load_model_path checkpoints/model_X.pth [--top_k 3]
+    python launch/train.py --predict [a.jpg,b.png] --load_model_path ... --predict_json predictions.json
+
+Class names and the preprocessing (resize, crop, mean, std, test-time views) come from the weights
+file's configuration when it has one. An unreadable image is reported by name and skipped.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_weights, read_weights
+from .config import UsageError
+from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
+from .engine import TTA_VIEWS
+from .model import alexnet
+from .transforms import Augmentation
+
+
+def image_paths(targets) -> list:
+    """Files named directly, and the image files inside named folders (recursively, sorted)."""
+    targets = targets if isinstance(targets, (list, tuple)) else [targets]
+    paths = []
+    for target in map(Path, map(str, targets)):
+        if target.is_dir():
+            paths += sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif target.exists():
+            paths.append(target)
+        else:
+            raise UsageError(f"--predict {target} does not exist")
+    if not paths:
+        raise UsageError(f"--predict {', '.join(map(str, targets))} holds no image files")
+    return paths
+
+
+def predict(cfg, accelerator) -> list:
+    """[{file, top: [{class, probability}]}] for every readable image; printed and optionally saved."""
+    paths = image_paths(cfg.predict)
+    weights = read_weights(cfg.load_model_path)
+    trained = weights["config"] or {}
+    classes = weights["classes"] or [str(i) for i in range(weights["architecture"]["num_classes"])]
+    setting = {key: tuple(trained.get(key, getattr(cfg, key))) for key in ("resize", "random_crop", "mean", "std")}
+    tta = trained.get("tta", cfg.tta)
+    model = alexnet(num_classes=len(classes), groups=weights["architecture"]["groups"])
+    load_weights(model, cfg.load_model_path)
+    model = accelerator.prepare(model).eval()
+    augmentation = Augmentation(setting["random_crop"], setting["mean"], setting["std"], accelerator.device,
+                                channels_last=accelerator.device.type == "cuda")
+    top_k = min(cfg.top_k, len(classes))
+    predictions = []
+    for start in range(0, len(paths), 64):
+        batch, names = [], []
+        for path in paths[start:start + 64]:
+            try:
+                batch.append(resize_images(read_image(path)[None], setting["resize"]))
+                names.append(path)
+            except UnreadableImage as error:
+                accelerator.print(f"skipped {error}")
+        if not batch:
+            continue
+        images = torch.cat(batch).to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            views = list(augmentation.views(images, TTA_VIEWS[tta]))
+            probabilities = sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
+        values, indices = probabilities.topk(top_k, dim=1)
+        for path, row_values, row_indices in zip(names, values.tolist(), indices.tolist()):
+            top = [{"class": classes[i], "probability": round(p, 6)} for p, i in zip(row_values, row_indices)]
+            predictions.append({"file": str(path), "top": top})
+            accelerator.print(f"{path}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in top))
+    if cfg.predict_json and accelerator.is_main_process:
+        Path(cfg.predict_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.predict_json).write_text(json.dumps(predictions, indent=1) + "\n")
+        accelerator.print(f"wrote {len(predictions)} predictions to {cfg.predict_json}")
+    return predictions

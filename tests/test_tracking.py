@@ -1,0 +1,140 @@
+"""Trackers, the run directory's metrics and plots, and predictions, through the real entry point."""
+
+import json
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import write_png
+
+from alexnet_dist.data import fake
+from conftest import QUICK, ROOT, cli_env, run_cli
+
+
+def wandb_summary(path: Path) -> dict:
+    """The summary of an offline W&B run, read from its .wandb log (LevelDB-style blocks of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, parts, summary = path.read_bytes(), 7, [], {}
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        parts = [chunk] if kind in (1, 2) else parts + [chunk]
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            if record.WhichOneof("record_type") == "summary":
+                summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.summary.update})
+    return summary
+
+
+def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
+    env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
+    result = run_cli(QUICK + ["--logger", "wandb", "--log_freq", "1", "--run_name", "offline-test"], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    summary = wandb_summary(runs[0])
+    assert 0 <= summary["Accuracy/Test"] <= 1 and 0 <= summary["Accuracy/Validation"] <= 1
+    assert "Loss/Train" in summary and "images_per_second" in summary
+    assert result.stdout.count("wandb sync") == 1 and str(runs[0].parent) in result.stdout
+
+
+def test_logger_none_writes_no_wandb_files(tmp_path):
+    env = {key: value for key, value in cli_env().items() if key != "WANDB_MODE"}
+    result = run_cli(QUICK, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not [path for path in tmp_path.rglob("*") if "wandb" in path.name]
+
+
+def test_tensorboard_events_hold_the_three_curves(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_cli(QUICK + ["--logger", "tensorboard", "--log_freq", "1", "--run_dir", "tb"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = list((tmp_path / "tb" / "alexnet-cifar10").glob("events.out.tfevents.*"))  # <run_dir>/<project>/
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert {"Loss/Train", "Accuracy/Train", "Accuracy/Validation"} <= set(tags)
+    assert len(accumulator.Scalars("Loss/Train")) == 5  # one per optimizer step at log_freq 1
+
+
+def test_run_directory_metrics_plots_and_the_plot_command(tmp_path):
+    result = run_cli(QUICK + ["--num_epochs", "2", "--log_freq", "2", "--run_dir", "run"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "Loss/Train" in row] == [2, 4, 6, 8, 10]
+    assert [row["epoch"] for row in rows if "Accuracy/Validation" in row] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["num_epochs"] == 2
+    pictures = ["LossTrain.png", "AccuracyTrain.png", "AccuracyValidation.png", "ConfusionMatrix.png"]
+    for name in pictures:
+        with Image.open(run / name) as image:
+            image.verify()
+    for name in pictures[:3]:
+        (run / name).unlink()
+    redraw = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run)], capture_output=True, text=True,
+                            env=cli_env(), cwd=tmp_path)
+    assert redraw.returncode == 0, redraw.stderr
+    assert all((run / name).exists() for name in pictures[:3])
+    overlay = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run), str(run), "--out", "compare"],
+                             capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
+    assert overlay.returncode == 0 and (tmp_path / "compare" / "LossTrain.png").exists()
+    missing = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", "nowhere"], capture_output=True, text=True,
+                             env=cli_env(), cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
+
+
+def test_two_processes_make_one_tracker_run(tmp_path):
+    env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
+    result = run_cli(QUICK + ["--logger", "wandb"], cwd=tmp_path, processes=2, env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
+    trained = run_cli(QUICK + ["--init", "kaiming", "--num_epochs", "2", "--save", "model.pth"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    _, test, classes = fake()
+    for index in range(40):
+        label = classes[int(test.labels[index])]
+        for split in ("train", "test"):
+            (tmp_path / "images" / split / label).mkdir(parents=True, exist_ok=True)
+            write_png(test.images[index], str(tmp_path / "images" / split / label / f"{index}.png"))
+    (tmp_path / "images" / "test" / classes[0] / "broken.png").write_bytes(b"not a png")
+    prediction = run_cli(["--predict", "images/test", "--load_model_path", "model.pth", "--predict_json", "p.json",
+                          "--top_k", "2"], cwd=tmp_path)
+    assert prediction.returncode == 0, prediction.stderr
+    assert "skipped images/test/pattern0/broken.png" in prediction.stdout
+    predicted = json.loads((tmp_path / "p.json").read_text())
+    assert len(predicted) == 40 and all(len(p["top"]) == 2 for p in predicted)
+    assert all(p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predicted)
+    correct = sum(Path(p["file"]).parent.name == p["top"][0]["class"] for p in predicted)
+    (tmp_path / "images" / "test" / classes[0] / "broken.png").unlink()
+    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", "--load_model_path", "model.pth"],
+                         cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/40 images\)", evaluation.stdout).group(1) == str(correct)
+
+
+def test_predictions_refuse_weights_of_another_network(tmp_path):
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    (tmp_path / "a.png").write_bytes(b"")
+    result = run_cli(["--predict", "a.png", "--load_model_path", "other.pth"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --load_model_path other.pth holds the weights of another network, not AlexNet's"
