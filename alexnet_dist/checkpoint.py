@@ -5,7 +5,9 @@ use it alone: the configuration it was trained with and the class names. Plain s
 seed's files) load too.
 """
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -82,3 +84,109 @@ def load_weights(model, path) -> dict:
         first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise UsageError(f"--load_model_path {path} does not fit AlexNet with {describe(wanted)}: {first}") from None
     return payload
+
+
+# ---------------------------------------------------------------- training state
+
+STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = (STATE_FILE, "pytorch_model.bin", "optimizer.bin")
+
+
+class Checkpoints:
+    """Full training states in RUN_DIR/checkpoints/step-<global step>/, each complete or absent.
+
+    Every rank writes its part (the main process the model and optimizer, each rank its RNG state)
+    into a temporary folder; the main process renames it once all are done, so a crash at any
+    moment leaves the previous checkpoints intact and no half-written one under a valid name.
+    The last `keep` checkpoints are kept, and the one with the best validation accuracy.
+    """
+
+    def __init__(self, accelerator, folder: Path, keep: int):
+        self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
+
+    def save(self, state: dict) -> Path:
+        accelerator = self.accelerator
+        final = self.folder / f"step-{state['global_step']:07d}"
+        temporary = self.folder / f".tmp-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary), safe_serialization=False)
+        if accelerator.is_main_process:
+            (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                _remove(final)
+            os.replace(temporary, final)
+            self.prune()
+        accelerator.wait_for_everyone()
+        return final
+
+    def prune(self):
+        saved = complete_checkpoints(self.folder)
+        scores = {path: read_state(path).get("val_accuracy") or -1.0 for path in saved}
+        best = max(saved, key=lambda path: scores[path], default=None)
+        for path in saved[: -self.keep]:
+            if path != best:
+                _remove(path)
+
+    def clean(self):
+        """Remove what a crash left behind: temporary folders and half-deleted old checkpoints."""
+        if self.accelerator.is_main_process and self.folder.is_dir():
+            for leftover in list(self.folder.glob(".tmp-*")) + list(self.folder.glob(".trash-*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+
+def _remove(path: Path):
+    trash = path.with_name(f".trash-{path.name}")
+    os.replace(path, trash)  # atomic: never a half-deleted folder under a checkpoint's name
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def complete_checkpoints(folder: Path) -> list:
+    """Checkpoint folders under `folder`, oldest first (by global step)."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(path for path in Path(folder).glob("step-*") if (path / STATE_FILE).is_file())
+
+
+def read_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint; UsageError if the checkpoint is incomplete or damaged."""
+    path = Path(path)
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise UsageError(f"--resume {path} is not a complete checkpoint (no {missing[0]})")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not {"global_step", "epoch", "step_in_epoch", "config"} <= set(state):
+            raise ValueError
+    except (ValueError, OSError):
+        raise UsageError(f"--resume {path}: {STATE_FILE} is damaged; resume from an older checkpoint") from None
+    return state
+
+
+def find_checkpoint(resume: str, run_dir: str | None) -> Path:
+    """The checkpoint that --resume names: a checkpoint folder, a run directory, or latest."""
+    if resume == "latest":
+        if run_dir is not None:
+            base = Path(run_dir)
+        else:
+            runs = [p for p in Path("runs").glob("*") if complete_checkpoints(p / "checkpoints")] if Path("runs").is_dir() else []
+            if not runs:
+                raise UsageError("--resume latest: no run under runs/ has a checkpoint (give --run_dir or a path)")
+            base = max(runs, key=lambda p: complete_checkpoints(p / "checkpoints")[-1].stat().st_mtime)
+    else:
+        base = Path(resume)
+        if not base.exists():
+            raise UsageError(f"--resume {resume} does not exist")
+        if (base / STATE_FILE).is_file() or base.name.startswith("step-"):
+            read_state(base)
+            return base
+    folder = base if base.name == "checkpoints" else base / "checkpoints"
+    saved = complete_checkpoints(folder)
+    if not saved:
+        raise UsageError(f"--resume {resume}: {folder} holds no complete checkpoint")
+    read_state(saved[-1])
+    return saved[-1]

@@ -65,6 +65,12 @@ class Config:
     tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)")
     loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)")
     num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)")
+    # checkpoints
+    resume: str | None = flag(None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path")
+    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: at epoch ends only)")
+    keep_checkpoints: int = flag(3, "checkpoints kept besides the best one by validation accuracy")
+    allow_config_change: bool = flag(False, "resume even when the flags change what is learned (data, batch, recipe)")
+    skip_nonfinite: bool = flag(False, "skip optimizer steps whose loss is not finite instead of stopping the run")
     # predictions
     predict: tuple = flag((), "image files or folders to classify with load_model_path (instead of training)")
     top_k: int = flag(3, "predict: how many classes to list per image")
@@ -140,6 +146,22 @@ def load_recipe(path) -> dict:
 
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]
+# flags that change what a run learns: a resumed run must keep them (or pass --allow_config_change)
+WHAT_IS_LEARNED = (
+    "dataset", "data_dir", "val_size", "fraction_of_data", "seed", "resize", "random_crop", "mean", "std",
+    "batch_size", "groups", "dropout", "lr", "momentum", "weight_decay", "nesterov", "schedule", "warmup_epochs",
+    "plateau_patience", "label_smoothing", "flip", "translate", "pca_color", "cutout", "ema",
+)
+
+
+def learning_changes(saved: dict, cfg: Config) -> list:
+    """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration."""
+    plain = lambda value: list(value) if isinstance(value, (list, tuple)) else value
+    names = list(WHAT_IS_LEARNED)
+    if cfg.schedule.startswith("warmup"):
+        names.append("num_epochs")  # these schedules decay towards the last epoch
+    return [f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
+            for name in names if name in saved and plain(saved[name]) != plain(getattr(cfg, name))]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
@@ -277,6 +299,11 @@ CHECKS = {
     "predict": lambda name, value: tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value])
                                          if str(item)) if value not in (None, "") else (),
     "top_k": number(int, low=1),
+    "resume": _optional_path,
+    "checkpoint_steps": number(int, low=0),
+    "keep_checkpoints": number(int, low=1),
+    "allow_config_change": _bool,
+    "skip_nonfinite": _bool,
     "predict_json": _optional_path,
     "compile": lambda name, value: choice("false", "true", "max-autotune")(name, str(value).lower()),
     "cuda_graphs": lambda name, value: choice("auto", "true", "false")(name, str(value).lower()),

@@ -193,10 +193,14 @@ def download_cifar10(root: Path):
     if (root / CIFAR10_FOLDER).is_dir():
         return
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    archive = root / CIFAR10.filename
+    if archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5):
+        raise UsageError(f"{archive} is corrupt or partly downloaded (its checksum is wrong): delete it and run again")
     try:
         CIFAR10(str(root), train=True, download=True)
     except (tarfile.TarError, EOFError, OSError, RuntimeError) as error:
-        archive = root / "cifar-10-python.tar.gz"
         raise UsageError(
             f"could not get CIFAR-10 into {root} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
             f"delete {archive} if it is partial, and run with network access, or use --dataset folder"

@@ -122,8 +122,13 @@ class Step:
     records the same calls once as a CUDA graph.
     """
 
-    def __init__(self, accelerator, model, optimizer, criterion):
+    def __init__(self, accelerator, model, optimizer, criterion, skip_nonfinite: bool = False):
         self.accelerator, self.model, self.optimizer, self.criterion = accelerator, model, optimizer, criterion
+        self.found_inf = None
+        if skip_nonfinite and accelerator.mixed_precision != "fp16":  # fp16's loss scaler skips such steps itself
+            # fused SGD skips its update on the device where found_inf is 1: no host synchronisation
+            self.found_inf = torch.zeros((), device=accelerator.device)
+            optimizer.optimizer.found_inf = self.found_inf
 
     def __call__(self, images, labels):
         with self.accelerator.accumulate(self.model):
@@ -134,8 +139,12 @@ class Step:
     def _forward_backward_update(self, images, labels):
         logits = self.model(images)
         loss = self.criterion(logits, labels)
+        if self.found_inf is not None:
+            torch.maximum(self.found_inf, (~torch.isfinite(loss)).float(), out=self.found_inf)
         self.accelerator.backward(loss)
         self.optimizer.step()
+        if self.found_inf is not None and self.accelerator.sync_gradients:
+            self.found_inf.zero_()
         return logits, loss
 
 
@@ -151,8 +160,8 @@ class GraphedStep(Step):
 
     warmup = 3
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.graph, self.calls = None, 0
 
     def __call__(self, images, labels):
@@ -199,15 +208,32 @@ class Trainer:
         self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.optimizer, self.scheduler, self.loader, self.log = optimizer, scheduler, train_loader, log
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.step = (GraphedStep if graphs else Step)(accelerator, model, optimizer, criterion)
+        self.step = (GraphedStep if graphs else Step)(accelerator, model, optimizer, criterion, cfg.skip_nonfinite)
         self.global_step = 0
+        # the first optimizer step whose loss was not finite (-1: none), kept on the device until asked
+        self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=accelerator.device)
+        self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+
+    def nonfinite(self) -> tuple:
+        """(first optimizer step with a non-finite loss on any rank, or None; how many micro-batches had one).
+
+        Reads the device counters, so it synchronises: called at log points, epoch ends and saves.
+        """
+        firsts = self.accelerator.gather(self.first_nonfinite[None]).tolist()
+        count = int(self.accelerator.reduce(self.nonfinite_count.clone(), reduction="sum"))
+        steps = [step for step in firsts if step >= 0]
+        return (min(steps) if steps else None), count
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def train_epoch(self, epoch: int, start_step: int = 0) -> dict:
-        """One epoch from optimizer step `start_step`; returns its mean loss, accuracy and speed."""
+    def train_epoch(self, epoch: int, start_step: int = 0, after_step=None) -> dict:
+        """One epoch from optimizer step `start_step`; returns its mean loss, accuracy and speed.
+
+        `after_step(epoch, steps done in the epoch)` runs after every optimizer step, on every rank;
+        when it returns True the epoch stops there ("stopped_at" in the result).
+        """
         accelerator, cfg, device = self.accelerator, self.cfg, self.accelerator.device
         self.model.train()
         steps = self.loader.steps_per_epoch - start_step
@@ -216,8 +242,13 @@ class Trainer:
         totals = torch.zeros(2, device=device)  # loss sum, correct predictions: of the epoch
         window = torch.zeros(2, device=device)  # the same since the last log
         seen, window_micro, window_images, started = 0, 0, 0, time.perf_counter()
+        stopped_at, step_in_epoch, micro_done = None, start_step, 0
         for images, labels in self.loader.train_epoch(epoch, start_step):
             loss, logits = self.step(images, labels)
+            bad = ~torch.isfinite(loss)
+            self.first_nonfinite = torch.where((self.first_nonfinite < 0) & bad, self.global_step + 1, self.first_nonfinite)
+            self.nonfinite_count += bad
+            micro_done += 1
             both = torch.stack([loss.float(), (logits.argmax(dim=1) == labels).sum().float()])
             totals += both
             window += both
@@ -227,6 +258,7 @@ class Trainer:
             if not accelerator.sync_gradients:
                 continue
             self.global_step += 1
+            step_in_epoch += 1
             if self.average is not None:
                 self.average.update()
             if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -243,16 +275,19 @@ class Trainer:
                 self.log({"Loss/Train": train_loss, "lr": self.lr}, step=self.global_step)
                 window.zero_()
                 window_micro = window_images = 0
+            if after_step is not None and after_step(epoch, step_in_epoch):
+                stopped_at = step_in_epoch
+                break
         bar.close()
         loss_sum, correct_sum = accelerator.reduce(totals, reduction="sum").tolist()
         seconds = time.perf_counter() - started
         images_seen = seen * accelerator.num_processes
-        micro_batches = max(1, steps * cfg.grad_accum_steps * accelerator.num_processes)
         return {
-            "train_loss": loss_sum / micro_batches,
+            "train_loss": loss_sum / max(1, micro_done * accelerator.num_processes),
             "train_accuracy": correct_sum / max(1, images_seen),
             "images_per_second": images_seen / seconds,
             "epoch_seconds": seconds,
+            "stopped_at": stopped_at,
         }
 
     def end_of_epoch(self, val_accuracy, train_accuracy: float):

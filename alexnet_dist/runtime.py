@@ -6,6 +6,7 @@ batch_size / (num_processes x grad_accum_steps) images per micro-batch.
 """
 
 import os
+import signal
 
 import torch
 from accelerate import Accelerator
@@ -103,3 +104,48 @@ def shared_value(accelerator: Accelerator, value):
     if accelerator.num_processes == 1:
         return value
     return broadcast_object_list([value])[0]
+
+
+class RunStopped(Exception):
+    """The run ended early on purpose (a signal, a non-finite loss): message for the user, exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the run to stop after the current optimizer step; a second SIGINT stops at once.
+
+    With several processes the ranks agree every `every` steps (one all-reduce), so that all of them
+    stop after the same step; a single process checks its own flag after every step.
+    """
+
+    every = 10
+
+    def __init__(self, accelerator):
+        self.accelerator, self.received = accelerator, None
+        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, number, frame):
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def requested(self, global_step: int) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.received is not None
+        if global_step % self.every:
+            return False
+        flag = torch.tensor(0.0 if self.received is None else float(self.received), device=self.accelerator.device)
+        number = int(self.accelerator.gather(flag[None]).max())
+        if number and self.received is None:
+            self.received = number
+        return bool(number)
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def restore(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)

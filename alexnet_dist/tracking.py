@@ -42,7 +42,7 @@ class Tracker:
     Every method is a no-op on ranks other than the main process (Accelerate's trackers too).
     """
 
-    def __init__(self, accelerator, cfg, run_dir: Path, config: dict):
+    def __init__(self, accelerator, cfg, run_dir: Path, config: dict, resume: bool = False):
         self.accelerator, self.run_dir, self.logger, self.offline_note = accelerator, Path(run_dir), cfg.logger, ""
         self.main, self.drawn_at = accelerator.is_main_process, time.perf_counter()
         init_kwargs = {}
@@ -50,6 +50,9 @@ class Tracker:
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
             os.environ["WANDB_MODE"] = mode  # decided here, so wandb never stops to ask for a login
             init_kwargs["wandb"] = {"name": cfg.run_name or self.run_dir.name, "tags": list(cfg.tags)}
+            ids = self.run_dir / "tracker.json"
+            if resume and ids.is_file():  # a resumed run continues its W&B run, on the same step axis
+                init_kwargs["wandb"].update(id=json.loads(ids.read_text())["wandb_id"], resume="allow")
             if not os.environ.get("WANDB_DIR"):
                 init_kwargs["wandb"]["dir"] = str(self.run_dir)
         if cfg.logger != "none":
@@ -59,6 +62,8 @@ class Tracker:
             plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in config.items()}
             accelerator.init_trackers(cfg.project, config=plain, init_kwargs=init_kwargs)
         wandb_run = self._wandb_run()
+        if wandb_run is not None:
+            (self.run_dir / "tracker.json").write_text(json.dumps({"wandb_id": wandb_run.id}) + "\n")
         if wandb_run is not None and os.environ["WANDB_MODE"] == "offline":
             where = Path(wandb_run.dir).parent
             self.offline_note = f"W&B ran offline (no credentials found, or WANDB_MODE=offline): upload with  wandb sync {where}"

@@ -1,6 +1,7 @@
 """Shared helpers: run the real entry point in a subprocess, on the CPU, with W&B kept offline."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,5 @@ def isolated(monkeypatch, tmp_path):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    for path in tmp_path.iterdir():  # weights and checkpoints take ~0.5 GB a run: free the disk as we go
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -1,0 +1,261 @@
+"""Checkpoints, resume, clean stops and kills, through the real entry point on generated data."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from alexnet_dist.checkpoint import complete_checkpoints, read_state
+from alexnet_dist.engine import Step
+from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
+
+HELPER = ROOT / "tests" / "rank_weights.py"
+KAIMING = QUICK + ["--init", "kaiming", "--schedule", "plateau"]  # 5 steps per epoch; a schedule blind to num_epochs
+
+
+def weights(path) -> dict:
+    return torch.load(path)["state_dict"]
+
+
+def identical(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def launch(args, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TRAIN), *map(str, args)], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_resume_is_bit_identical_on_one_process(tmp_path):
+    straight = run_cli(KAIMING + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    # stopped on purpose after one epoch, then resumed with more epochs
+    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "short"], cwd=tmp_path).returncode == 0
+    longer = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "short", "--resume", "latest", "--save", "longer.pth"],
+                     cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    assert "resumed from short/checkpoints/step-0000005: epoch 2, step 0" in longer.stdout
+    # interrupted (SIGKILL) once its first epoch's checkpoint exists, resumed with the same flags
+    flags = KAIMING + ["--num_epochs", "2", "--run_dir", "killed", "--save", "killed.pth"]
+    process = launch(flags, tmp_path)
+    wait_for(lambda: complete_checkpoints(tmp_path / "killed" / "checkpoints") or process.poll() is not None)
+    process.kill()
+    process.communicate()
+    resumed = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = weights(tmp_path / "straight.pth")
+    assert identical(reference, weights(tmp_path / "longer.pth"))
+    assert identical(reference, weights(tmp_path / "killed.pth"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 10  # nothing logged twice, nothing past the end
+
+
+def test_resume_on_two_processes_matches_within_tolerance(tmp_path):
+    for out in ("a", "b"):
+        (tmp_path / out).mkdir()
+    straight = run_cli([tmp_path / "a", *KAIMING, "--num_epochs", "2", "--run_dir", "a/run"], cwd=tmp_path,
+                       script=HELPER, processes=2)
+    assert straight.returncode == 0, straight.stderr
+    first = run_cli([tmp_path / "b", *KAIMING, "--num_epochs", "1", "--run_dir", "b/run"], cwd=tmp_path, script=HELPER,
+                    processes=2)
+    assert first.returncode == 0, first.stderr
+    second = run_cli([tmp_path / "b", *KAIMING, "--num_epochs", "2", "--run_dir", "b/run", "--resume", "latest"],
+                     cwd=tmp_path, script=HELPER, processes=2)
+    assert second.returncode == 0, second.stderr
+    a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
+    assert all(torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6) for name in a)
+
+
+def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path):
+    deterministic = KAIMING + ["--dropout", "0", "--flip=False", "--resize", "64", "--random_crop", "64"]
+    straight = run_cli(deterministic + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    for name, processes, extra in [("two", 2, []), ("accumulated", 1, ["--grad_accum_steps", "2"])]:
+        assert run_cli(deterministic + ["--num_epochs", "1", "--run_dir", name], cwd=tmp_path).returncode == 0
+        resumed = run_cli(deterministic + ["--num_epochs", "2", "--run_dir", name, "--resume", "latest",
+                                           "--save", f"{name}.pth", *extra], cwd=tmp_path, processes=processes)
+        assert resumed.returncode == 0, resumed.stderr
+        a, b = weights(tmp_path / "straight.pth"), weights(tmp_path / f"{name}.pth")
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
+
+
+def test_resume_refuses_what_changes_the_training_unless_told(tmp_path):
+    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "r"], cwd=tmp_path).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    refused = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16"],
+                      cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error: --resume r/checkpoints/step-0000005: these flags change what is")
+    assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+    allowed = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16",
+                                 "--allow_config_change"], cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    flags = KAIMING + ["--num_epochs", "30", "--run_dir", "run", "--log_freq", "1"]
+    process = launch(flags, tmp_path)
+    wait_for(lambda: complete_checkpoints(tmp_path / "run" / "checkpoints") or process.poll() is not None)
+    time.sleep(random.uniform(0.2, 1.0))
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM after optimizer step" in err and "--resume run/checkpoints/step-" in err
+    newest = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert f"--resume {newest.relative_to(tmp_path)}" in err
+    resumed = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_state(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])["global_step"] == 150
+
+
+def test_random_kills_always_resume_from_a_valid_checkpoint(tmp_path):
+    """SIGKILL at random moments (and once during a save); every resume finds a valid checkpoint."""
+    flags = KAIMING + ["--num_epochs", "3", "--run_dir", "run", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
+    folder = tmp_path / "run" / "checkpoints"
+    generator, during_save, trials = random.Random(0), 0, 10
+    for trial in range(trials):
+        process = launch(flags + (["--resume", "latest"] if trial else []), tmp_path)
+        if trial == 0:
+            wait_for(lambda: complete_checkpoints(folder) or process.poll() is not None)
+        if trial == 1:  # kill while a checkpoint is being written
+            wait_for(lambda: list(folder.glob(".tmp-*")) or process.poll() is not None)
+        else:
+            time.sleep(generator.uniform(3.0, 8.0))
+        saving = bool(list(folder.glob(".tmp-*")))
+        process.kill()
+        process.communicate()
+        during_save += saving
+        saved = complete_checkpoints(folder)
+        assert saved, f"trial {trial}: no complete checkpoint left"
+        state = read_state(saved[-1])
+        torch.load(saved[-1] / "pytorch_model.bin", weights_only=True)  # loads: not half-written
+        assert 1 <= state["global_step"] <= 15
+    assert during_save >= 1
+    finished = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert read_state(complete_checkpoints(folder)[-1])["global_step"] == 15  # 3 epochs x 5 steps, as uninterrupted
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 15
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    diverging = KAIMING + ["--num_epochs", "3", "--run_dir", "run"]
+    assert run_cli(diverging + ["--num_epochs", "1"], cwd=tmp_path).returncode == 0
+    result = run_cli(diverging + ["--resume", "latest", "--lr", "1e6", "--allow_config_change"], cwd=tmp_path)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("the loss became non-finite at optimizer step ") and "run/checkpoints/step-0000005" in message
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000005"]
+
+
+def test_skipping_nonfinite_steps_leaves_the_weights_alone():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = Step(accelerator, model, optimizer, torch.nn.CrossEntropyLoss(), skip_nonfinite=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, _ = step(torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.int64))
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    step(torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- bad input around checkpoints and data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch fake-data run with its checkpoint, and a 1-epoch run on a 2-class image folder."""
+    from torchvision.io import write_png
+
+    root = tmp_path_factory.mktemp("trained")
+    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "fake_run"], cwd=root).returncode == 0
+    for label in ("cat", "dog"):
+        (root / "two" / "train" / label).mkdir(parents=True)
+        for index in range(20):
+            write_png(torch.full((3, 32, 32), 60 + 100 * (label == "dog"), dtype=torch.uint8),
+                      str(root / "two" / "train" / label / f"{index}.png"))
+    folder_run = run_cli(["--dataset", "folder", "--data_dir", "two", "--batch_size", "8", "--num_epochs", "1",
+                          "--logger", "none", "--run_dir", "folder_run", "--schedule", "plateau"], cwd=root)
+    assert folder_run.returncode == 0, folder_run.stderr
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def copy_run(trained, name, tmp_path) -> Path:
+    shutil.copytree(trained / name, tmp_path / name)
+    return tmp_path / name
+
+
+def damage_weights(run: Path):
+    path = complete_checkpoints(run / "checkpoints")[-1] / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[: 1000])
+
+
+def damage_state(run: Path):
+    (complete_checkpoints(run / "checkpoints")[-1] / "trainer_state.json").write_text("{not json")
+
+
+RESUME = KAIMING + ["--num_epochs", "2", "--run_dir", "fake_run", "--resume", "latest"]
+CHECKPOINT_CASES = [  # (name, prepare(trained, tmp_path), argv, expected message)
+    ("truncated checkpoint", lambda t, p: damage_weights(copy_run(t, "fake_run", p)), RESUME,
+     "cannot be loaded (RuntimeError): it is damaged; resume from an older checkpoint"),
+    ("damaged state file", lambda t, p: damage_state(copy_run(t, "fake_run", p)), RESUME,
+     "trainer_state.json is damaged"),
+    ("other architecture", lambda t, p: copy_run(t, "fake_run", p), RESUME + ["--groups", "2"],
+     "was trained with groups=1 on 10 classes, this run builds groups=2 for 10 classes"),
+    ("other data set and class count", lambda t, p: copy_run(t, "folder_run", p),
+     RESUME[:-4] + ["--num_epochs", "2", "--run_dir", "folder_run", "--resume", "latest", "--batch_size", "8"],
+     "was trained with groups=1 on 2 classes, this run builds groups=1 for 10 classes"),
+    ("other data fraction", lambda t, p: copy_run(t, "fake_run", p), RESUME + ["--fraction_of_data", "0.3"],
+     "was trained on 180 training images, this run has 270: not the same data"),
+    ("no checkpoint in the folder", lambda t, p: (p / "empty").mkdir(), KAIMING + ["--resume", "empty"],
+     "empty/checkpoints holds no complete checkpoint"),
+    ("no run to resume", lambda t, p: None, KAIMING + ["--resume", "latest"], "no run under runs/ has a checkpoint"),
+    ("existing run directory", lambda t, p: (p / "taken").mkdir() or (p / "taken" / "notes.txt").write_text("mine"),
+     KAIMING + ["--run_dir", "taken"], "--run_dir taken already exists"),
+    ("partial CIFAR-10 archive", lambda t, p: (p / "data").mkdir() or (p / "data" / "cifar-10-python.tar.gz").write_bytes(b"x"),
+     ["--dataset", "cifar10", "--data_dir", "data"], "is corrupt or partly downloaded (its checksum is wrong): delete it"),
+    ("unreadable image", lambda t, p: shutil.copytree(t / "two", p / "two") and (p / "two" / "train" / "cat" / "x.jpg").write_bytes(b"x"),
+     ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8"], "two/train/cat/x.jpg: cannot be read as an image"),
+    ("cache folder that cannot be written", lambda t, p: shutil.copytree(t / "two", p / "two") and (p / "blocker").write_text(""),
+     ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8", "--cache_dir", "blocker/cache"],
+     "cannot write the decoded-image cache in blocker/cache"),
+]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name,prepare,argv,message", CHECKPOINT_CASES, ids=[case[0] for case in CHECKPOINT_CASES])
+def test_bad_checkpoint_and_data_input(name, prepare, argv, message, trained, tmp_path, capsys):
+    from alexnet_dist.cli import main
+
+    prepare(trained, tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--logger", "none"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert snapshot(tmp_path) == before  # nothing written, nothing lost
