@@ -1,7 +1,7 @@
 """Throughput: the seed's pipeline, this project's default training step, and the compute ceiling.
 
     python -m alexnet_dist.bench                       # on the GPU if there is one, else the CPU
-    python -m alexnet_dist.bench --compile true --json bench.json
+    python -m alexnet_dist.bench --compile true --json_path bench.json
 
 All three train the same AlexNet at the same batch size on the same device, in one run:
   (a) seed:    PIL Resize(70) + RandomCrop(64) + ToTensor + Normalize in a DataLoader with
@@ -15,6 +15,7 @@ warm-up. The 25-epoch time is extrapolated from (b) for 45,000 training images.
 
 import json
 import statistics
+import sys
 import time
 
 import fire
@@ -25,12 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .config import Config, load_recipe
+from .config import Config, UsageError, load_recipe
 from .data import ImageSet
 from .engine import Trainer, build_optimizer, build_scheduler, use_cuda_graphs
 from .loaders import make_loader
 from .model import alexnet
-from .runtime import build_accelerator
+from .runtime import build_accelerator, micro_batch_size
 from .transforms import Augmentation, colour_pca
 
 CIFAR_TRAIN_IMAGES = 45_000
@@ -106,7 +107,8 @@ def project_pipeline(cfg: Config, steps: int, windows: int) -> dict:
     augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, device, cutout=cfg.cutout,
                                 colour_basis=colour_pca(imageset.images) if cfg.pca_color else None,
                                 channels_last=device.type == "cuda")
-    loader = make_loader(imageset, augmentation, device, cfg, cfg.batch_size, 0, 1)
+    micro_batch = micro_batch_size(cfg.batch_size, 1, cfg.grad_accum_steps)
+    loader = make_loader(imageset, augmentation, device, cfg, micro_batch, 0, 1)
     graphs = use_cuda_graphs(cfg, accelerator)
     model = alexnet(groups=cfg.groups, init=cfg.init, dropout=cfg.dropout)
     if device.type == "cuda":
@@ -119,11 +121,11 @@ def project_pipeline(cfg: Config, steps: int, windows: int) -> dict:
     trainer.train_epoch(0)  # warm-up: compilation, graph recording, cuDNN's choice of algorithms
     default_rates = [trainer.train_epoch(epoch)["images_per_second"] for epoch in range(1, 1 + windows)]
 
-    images = torch.randn(cfg.batch_size, 3, *cfg.random_crop, device=device)
+    images = torch.randn(micro_batch, 3, *cfg.random_crop, device=device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(10, (cfg.batch_size,), device=device)
-    ceiling = median_rate(lambda: [trainer.step(images, labels) for _ in range(steps)], windows, count, device)
+    labels = torch.randint(10, (micro_batch,), device=device)
+    ceiling = median_rate(lambda: [trainer.step(images, labels) for _ in range(steps)], windows, steps * micro_batch, device)
     return {"default": statistics.median(default_rates), "ceiling": ceiling, "graphs": graphs,
             "precision": accelerator.mixed_precision, "device": device}
 
@@ -167,5 +169,13 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
             json.dump(result, handle, indent=2)
 
 
+def cli():
+    try:
+        fire.Fire(main)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli()

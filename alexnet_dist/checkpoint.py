@@ -69,9 +69,9 @@ def describe(arch: dict | None) -> str:
     return f"groups={arch['groups']} and {arch['num_classes']} classes"
 
 
-def load_weights(model, path) -> dict:
-    """Load a weights file into `model`; a file for another architecture or class count is refused."""
-    payload = read_weights(path)
+def load_weights(model, path, payload: dict | None = None) -> dict:
+    """Load a weights file (read already: `payload`) into `model`; another architecture or class count is refused."""
+    payload = payload or read_weights(path)
     wanted = architecture(model)
     if payload["architecture"] != wanted:
         raise UsageError(
@@ -125,17 +125,22 @@ class Checkpoints:
 
     def prune(self):
         saved = complete_checkpoints(self.folder)
-        scores = {path: read_state(path).get("val_accuracy") or -1.0 for path in saved}
-        best = max(saved, key=lambda path: scores[path], default=None)
+        scores = {path: read_state(path).get("val_accuracy") for path in saved}
+        scored = [path for path in saved if scores[path] is not None]
+        best = max(scored, key=lambda path: scores[path], default=None)
         for path in saved[: -self.keep]:
             if path != best:
                 _remove(path)
 
-    def clean(self):
-        """Remove what a crash left behind: temporary folders and half-deleted old checkpoints."""
+    def clean(self, newer_than: int):
+        """Before resuming: remove what a crash left (temporary and half-deleted folders), and the
+        checkpoints past the resumed one, which the resumed run replaces."""
         if self.accelerator.is_main_process and self.folder.is_dir():
             for leftover in list(self.folder.glob(".tmp-*")) + list(self.folder.glob(".trash-*")):
                 shutil.rmtree(leftover, ignore_errors=True)
+            for path in complete_checkpoints(self.folder):
+                if int(path.name.split("-")[1]) > newer_than:
+                    _remove(path)
         self.accelerator.wait_for_everyone()
 
 

@@ -7,6 +7,7 @@
 """
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import os
@@ -16,10 +17,10 @@ import fire
 import torch
 from accelerate.utils import set_seed
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, read_weights
 from .config import DEFAULTS, Config, UsageError, load_recipe
 from .data import load_data, pixel_sample
-from .engine import evaluate
+from .engine import evaluate, use_cuda_graphs
 from .loaders import make_loader
 from .model import alexnet
 from .predict import predict
@@ -81,8 +82,19 @@ def _colour_basis(cfg, data):
     return colour_pca(pixel_sample(data.train, cfg.resize))
 
 
+def with_weights_settings(cfg: Config) -> Config:
+    """Evaluation and predictions use the network and preprocessing the weights were trained with."""
+    payload = read_weights(cfg.load_model_path)
+    trained = {key: payload["config"][key] for key in ("resize", "random_crop", "mean", "std")
+               if payload["config"] and key in payload["config"]}
+    settings = {key: tuple(value) for key, value in trained.items()}
+    return dataclasses.replace(cfg, groups=payload["architecture"]["groups"], **settings)
+
+
 def run(cfg: Config):
     """Train (or only evaluate, or predict) as `cfg` says; returns the unwrapped model, on every rank."""
+    if not cfg.train or cfg.predict:
+        cfg = with_weights_settings(cfg)
     if cfg.predict:
         accelerator = build_accelerator(cfg)
         return agree(accelerator, lambda: predict(cfg, accelerator))
@@ -91,12 +103,15 @@ def run(cfg: Config):
     accelerator = build_accelerator(cfg, log_with=None if cfg.logger == "none" or not cfg.train else cfg.logger,
                                     project_dir="runs")
     micro_batch = micro_batch_size(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)
+    graphs = cfg.train and use_cuda_graphs(cfg, accelerator)
     set_seed(cfg.seed)
     data = load_data(cfg, accelerator)
     model = alexnet(num_classes=len(data.classes), groups=cfg.groups, dropout=cfg.dropout, init=cfg.init)
     if cfg.load_model_path:
         agree(accelerator, lambda: load_weights(model, cfg.load_model_path))
-        accelerator.print(f"loaded weights from {cfg.load_model_path}")
+        accelerator.print(f"loaded weights from {cfg.load_model_path}"
+                          + ("" if cfg.train else f" (groups {cfg.groups}, resize {cfg.resize}, crop {cfg.random_crop}, "
+                                                  f"mean {cfg.mean}, std {cfg.std}, as trained)"))
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
@@ -106,7 +121,7 @@ def run(cfg: Config):
                                           accelerator.process_index, accelerator.num_processes)
     eval_batch = 2 * micro_batch
     if cfg.train:
-        return train(cfg, accelerator, data, model, loader, eval_batch)
+        return train(cfg, accelerator, data, model, loader, eval_batch, graphs)
 
     model = accelerator.prepare(model)
     split_name, imageset = ("test", data.test) if data.test is not None else ("validation", data.val)

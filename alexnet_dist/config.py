@@ -24,7 +24,7 @@ def flag(default: Any, help: str):
 
 @dataclass(frozen=True)
 class Config:
-    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given here win")
+    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given on the command line win")
     # the seed's flags, same names and defaults
     load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False")
     save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)")
@@ -47,13 +47,13 @@ class Config:
     nesterov: bool = flag(True, "Nesterov momentum")
     schedule: str = flag("warmup_linear", "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant")
     warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules")
-    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy before lr /= 10")
+    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy (training accuracy if val_size is 0) before lr /= 10")
     label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)")
     ema: float = flag(0.0, "decay of an exponential moving average of the weights, evaluated alongside (0: off)")
     dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)")
     seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation")
     grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)")
-    mixed_precision: str = flag("auto", "auto (bf16 on GPUs that have it, fp16 on older ones, none on CPU), no, fp16 or bf16")
+    mixed_precision: str = flag("auto", "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16")
     # data
     dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake")
     data_dir: str = flag("data", "where the data set lives")
@@ -78,7 +78,7 @@ class Config:
     # model
     groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network")
     compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune")
-    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation), true, false")
+    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation, not fp16), true, false")
     init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)")
     # tracking and outputs
     project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)")
@@ -116,6 +116,10 @@ class Config:
             raise UsageError(f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}")
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
+        try:
+            self.save.format(time="x")
+        except (KeyError, IndexError, ValueError):
+            raise UsageError(f"--save {self.save!r}: the only placeholder allowed is {{time}}") from None
         if self.nesterov and self.momentum == 0:
             raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
         if self.predict and self.load_model_path is None:
@@ -279,7 +283,7 @@ CHECKS = {
     "plateau_patience": number(int, low=0),
     "label_smoothing": number(float, low=0.0, high=1.0, high_open=True),
     "dropout": number(float, low=0.0, high=1.0, high_open=True),
-    "seed": number(int, low=0),
+    "seed": number(int, low=0, high=2**32 - 1),
     "grad_accum_steps": number(int, low=1),
     "mixed_precision": choice("auto", "no", "fp16", "bf16"),
     "dataset": choice("cifar10", "folder", "fake"),

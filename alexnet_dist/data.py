@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from .config import UsageError
-from .runtime import agree
+from .runtime import agree, shared_value
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_FOLDER = "cifar-10-batches-py"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -82,35 +82,51 @@ def resize_images(images: torch.Tensor, size) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Image files (or rows of a uint8 tensor) decoded and optionally resized in DataLoader workers."""
+    """Image files (or rows of a uint8 tensor) decoded, and resized, in DataLoader workers.
 
-    def __init__(self, files=None, images=None, size=None):
-        self.files, self.images, self.size = files, images, size
+    size: resize every image to it; shrink_to: resize only the images larger than it (bounds the
+    memory a folder of large photos takes). blank_unreadable: an unreadable file gives a black
+    image instead of an error, and the stream loader stops every rank together at the end of the
+    epoch. Items are (uint8 image (3, H, W), readable).
+    """
+
+    def __init__(self, files=None, images=None, size=None, shrink_to=None, blank_unreadable=False):
+        self.files, self.images, self.size, self.shrink_to = files, images, size, shrink_to
+        self.blank_unreadable = blank_unreadable
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.images)
 
     def __getitem__(self, index):
-        image = read_image(self.files[index]) if self.files is not None else self.images[index]
+        try:
+            image = read_image(self.files[index]) if self.files is not None else self.images[index]
+        except UnreadableImage:
+            if not self.blank_unreadable:
+                raise
+            return torch.zeros(3, *self.size, dtype=torch.uint8), False
+        if self.shrink_to is not None and (image.shape[-2] > self.shrink_to[0] or image.shape[-1] > self.shrink_to[1]):
+            image = resize_images(image[None], self.shrink_to)[0]
         if self.size is not None:
             image = resize_images(image[None], self.size)[0]
-        return image
+        return image, True
 
 
 def worker_count(requested) -> int:
     return min(8, os.cpu_count() or 1) if requested is None else requested
 
 
-def _stack_or_arrays(images: list):
+def _stack_or_arrays(items: list):
     """One tensor per batch when the sizes agree (few shared-memory handles), else plain arrays."""
+    images = [image for image, _ in items]
     if len({tuple(image.shape) for image in images}) == 1:
         return torch.stack(images)
     return [image.numpy() for image in images]
 
 
 def _decode_all(files, size, num_workers) -> torch.Tensor:
-    """Decode every file; images of one size stay as they are, mixed sizes are resized to `size`."""
-    loader = DataLoader(ImageFiles(files), batch_size=256, num_workers=worker_count(num_workers),
+    """Decode every file; images larger than `size` are shrunk to it in the workers, and if sizes
+    still differ the rest are resized to `size` too, so that they stack."""
+    loader = DataLoader(ImageFiles(files, shrink_to=size), batch_size=256, num_workers=worker_count(num_workers),
                         collate_fn=_stack_or_arrays)
     try:
         images = [torch.as_tensor(image) for batch in loader for image in batch]
@@ -123,7 +139,7 @@ def _decode_all(files, size, num_workers) -> torch.Tensor:
 
 
 def _cache_key(files, root: Path, size) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {size[0]}x{size[1]}".encode())
     for path in files:
         stat = os.stat(path)
         digest.update(f"{os.path.relpath(path, root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -139,14 +155,13 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
     if path.exists():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached["resized_to"] in (None, list(size)) and len(cached["images"]) == len(files):
+            if len(cached["images"]) == len(files):
                 return cached["images"]
         except Exception:
             pass  # a damaged cache entry is rebuilt below
     images = _decode_all(files, size, num_workers)
     if write:
-        uniform = len(files) == 0 or images.shape[-2:] != tuple(size)
-        entry = {"images": images, "resized_to": None if uniform else list(size)}
+        entry = {"images": images}
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(f".tmp{os.getpid()}")
@@ -277,12 +292,19 @@ def split_indices(count: int, val_size: float, fraction: float, seed: int) -> tu
     return train, val
 
 
+def check_split(count: int, cfg):
+    """Before any decoding: a training run's split must hold at least one global batch."""
+    if not cfg.train:
+        return
+    num_val = round(cfg.val_size * count)
+    num_train = round(cfg.fraction_of_data * (count - num_val))
+    if num_train < cfg.batch_size:
+        raise UsageError(f"{num_train} training images (of {count}, after --val_size {cfg.val_size} and "
+                         f"--fraction_of_data {cfg.fraction_of_data}) are fewer than one batch of --batch_size {cfg.batch_size}")
+
+
 def split(full: ImageSet, val_size: float, fraction: float, seed: int) -> tuple:
     train_index, val_index = split_indices(len(full), val_size, fraction, seed)
-    if len(train_index) == 0:
-        raise UsageError(
-            f"--fraction_of_data {fraction} with --val_size {val_size} leaves no training images out of {len(full)}"
-        )
     return full.subset(train_index), (full.subset(val_index) if len(val_index) else None)
 
 
@@ -299,35 +321,43 @@ def memory_budget(device) -> int:
         return 1 << 62
 
 
-def _folder_split(cfg, accelerator, root: Path, split_name: str, classes, cache_dir):
-    files, labels, classes = scan_folder(root, split_name, classes)
+def _decoded(cfg, accelerator, root: Path, files, labels, cache_dir) -> ImageSet:
+    """The files decoded in memory, or left as files for the stream loader (decided by the main process)."""
     resized_bytes = len(files) * 3 * cfg.resize[0] * cfg.resize[1]
-    if cfg.loader == "stream" or (cfg.loader == "auto" and resized_bytes > memory_budget(accelerator.device)):
-        return ImageSet(labels, files=files), classes
+    stream = cfg.loader == "stream" or (cfg.loader == "auto" and resized_bytes > memory_budget(accelerator.device))
+    if shared_value(accelerator, stream):
+        return ImageSet(labels, files=files)
     write = accelerator.is_main_process
     images = agree(accelerator, lambda: decode_cached(files, root, cfg.resize, cache_dir, cfg.num_workers, write),
                    main_first=cache_dir is not None)
-    return ImageSet(labels, images), classes
+    return ImageSet(labels, images)
 
 
 def load_data(cfg, accelerator) -> Data:
     """Train / validation / test splits of `cfg.dataset`, identical on every rank."""
     root = Path(cfg.data_dir)
+    test_note = ""
     if cfg.dataset == "fake":
         full, test, classes = fake()
-        test_note = ""
+        check_split(len(full), cfg)
     elif cfg.dataset == "cifar10":
         agree(accelerator, lambda: accelerator.is_main_process and download_cifar10(root), main_first=True)
         full, test, classes = agree(accelerator, lambda: cifar10(root))
-        test_note = ""
+        check_split(len(full), cfg)
     else:
-        agree(accelerator, lambda: check_folder(root))
+        def scan():
+            check_folder(root)
+            train_files = scan_folder(root, "train")
+            test_files = scan_folder(root, "test", train_files[2]) if (root / "test").is_dir() else None
+            check_split(len(train_files[0]), cfg)
+            return train_files, test_files
+
+        (files, labels, classes), test_files = agree(accelerator, scan)
         cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or root / ".alexnet_dist_cache")
-        full, classes = _folder_split(cfg, accelerator, root, "train", None, cache_dir)
-        test, test_note = None, f"{root} has no test/ folder: skipping the test evaluation"
-        if (root / "test").is_dir():
-            test, _ = _folder_split(cfg, accelerator, root, "test", classes, cache_dir)
-            test_note = ""
+        full = _decoded(cfg, accelerator, root, files, labels, cache_dir)
+        test = None if test_files is None else _decoded(cfg, accelerator, root, *test_files[:2], cache_dir)
+        if test is None:
+            test_note = f"{root} has no test/ folder: skipping the test evaluation"
     train, val = split(full, cfg.val_size, cfg.fraction_of_data, cfg.seed)
     return Data(train, val, test, classes, test_note)
 
@@ -337,4 +367,5 @@ def pixel_sample(imageset: ImageSet, size, max_images: int = 2000) -> torch.Tens
     if imageset.images is not None:
         return imageset.images
     step = max(1, len(imageset.files) // max_images)
-    return torch.cat([resize_images(read_image(path)[None], size) for path in imageset.files[::step]])
+    sample = ImageFiles(imageset.files[::step], size=size, blank_unreadable=True)
+    return torch.stack([image for image, readable in map(sample.__getitem__, range(len(sample))) if readable])

@@ -142,6 +142,9 @@ class Step:
         if self.found_inf is not None:
             torch.maximum(self.found_inf, (~torch.isfinite(loss)).float(), out=self.found_inf)
         self.accelerator.backward(loss)
+        if self.found_inf is not None and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            # DDP averaged one rank's non-finite gradients into every rank's: all of them must skip
+            torch.distributed.all_reduce(self.found_inf, op=torch.distributed.ReduceOp.MAX)
         self.optimizer.step()
         if self.found_inf is not None and self.accelerator.sync_gradients:
             self.found_inf.zero_()

@@ -13,7 +13,9 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
+from .config import UsageError
 from .data import ImageFiles, ImageSet, resize_images, worker_count
+from .runtime import agree
 from .transforms import Augmentation, draw_plan
 
 
@@ -21,6 +23,7 @@ class DeviceLoader:
     """The split as uint8 on the device, resized once; batches are gathers and tensor ops there."""
 
     streams = False  # True: batches come from DataLoader workers, which take CPU indices
+    unreadable = ()  # files that could not be decoded (stream loader only)
 
     def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, batch_size: int,
                  micro_batch: int, rank: int, world: int, plan):
@@ -85,14 +88,16 @@ class StreamLoader(DeviceLoader):
         super().__init__(*args, **kwargs)
 
     def _load(self, imageset: ImageSet):
-        self.dataset = ImageFiles(imageset.files, imageset.images, size=self.resize)
+        self.dataset = ImageFiles(imageset.files, imageset.images, size=self.resize, blank_unreadable=True)
+        self.unreadable = []
 
     def _batches(self, order_slices):
-        loader = DataLoader(
-            self.dataset, batch_sampler=[index.tolist() for index in order_slices], num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )
-        for images in loader:
+        batches = [index.tolist() for index in order_slices]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for indices, (images, readable) in zip(batches, loader):
+            if not readable.all():  # a black image stands in; every rank stops at the epoch's end
+                self.unreadable += [self.dataset.files[i] for i, ok in zip(indices, readable.tolist()) if not ok]
             yield images.to(self.device, non_blocking=True)
 
 
@@ -104,3 +109,13 @@ def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, mic
     if imageset.images is not None and cfg.loader != "stream":
         return DeviceLoader(imageset, augmentation, **common)
     return StreamLoader(imageset, augmentation, num_workers=worker_count(cfg.num_workers), **common)
+
+
+def check_readable(accelerator, *loaders):
+    """Stop every rank together, naming the file, when a stream loader met an unreadable image."""
+    def check():
+        for loader in loaders:
+            if loader is not None and loader.unreadable:
+                raise UsageError(f"unreadable image in the data set: {loader.unreadable[0]} "
+                                 f"({len(loader.unreadable)} such file(s)); remove or replace it and resume")
+    agree(accelerator, check)

@@ -12,8 +12,9 @@ Where it differs:
 - An adaptive average pooling to 6x6 before the classifier (as in torchvision) lets inputs other
   than 224x224 through. At the seed's 64x64 crops conv5 leaves a single 1x1 map, which the pooling
   would repeat 36 times; the first linear layer applied to 36 copies equals that layer with its 36
-  positions summed, applied once. `forward` computes it so: the same outputs and gradients (up to
-  float rounding) and the same state_dict, for a 36th of that layer's work (a third of the network's).
+  positions summed, applied once. Where no dropout acts on those copies (evaluation, or dropout 0)
+  `forward` computes it so: the same outputs (up to float rounding) for a 36th of that layer's work.
+  In training, dropout draws a separate mask for each copy, so the full layer runs as in the seed.
 - `init='paper'` draws every weight from N(0, 0.01) and sets the biases of conv2, conv4, conv5
   and the hidden linear layers to 1 (0 elsewhere). It is known to stall without a tuned learning
   rate, so the default is PyTorch's own initialisation.
@@ -90,15 +91,15 @@ class AlexNet(nn.Module):
         if x.shape[-1] < MIN_INPUT or x.shape[-2] < MIN_INPUT:
             raise ValueError(f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}")
         x = self.features(x)
-        if x.shape[-2:] == (1, 1):
+        if x.shape[-2:] == (1, 1) and (not self.training or self.classifier[0].p == 0):
             return self._classify_single_position(torch.flatten(x, 1))
         x = self.avgpool(x)
         return self.classifier(torch.flatten(x, 1))
 
     def _classify_single_position(self, x: torch.Tensor) -> torch.Tensor:
-        dropout, first, *rest = self.classifier
+        _, first, *rest = self.classifier  # the dropout is inactive here
         folded = first.weight.unflatten(1, (x.shape[1], 36)).sum(dim=-1)
-        x = nn.functional.linear(dropout(x), folded, first.bias)
+        x = nn.functional.linear(x, folded, first.bias)
         for layer in rest:
             x = layer(x)
         return x

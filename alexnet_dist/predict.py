@@ -3,8 +3,9 @@
     python launch/train.py --predict photos/ --load_model_path checkpoints/model_X.pth [--top_k 3]
     python launch/train.py --predict [a.jpg,b.png] --load_model_path ... --predict_json predictions.json
 
-Class names and the preprocessing (resize, crop, mean, std, test-time views) come from the weights
-file's configuration when it has one. An unreadable image is reported by name and skipped.
+Class names, the network and the preprocessing (resize, crop, mean, std) come from the weights
+file (cli.with_weights_settings); --tta picks the test-time views. An unreadable image is
+reported by name and skipped.
 """
 
 import json
@@ -17,6 +18,7 @@ from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
 from .engine import TTA_VIEWS
 from .model import alexnet
+from .training import check_writable
 from .transforms import Augmentation
 
 
@@ -39,15 +41,14 @@ def image_paths(targets) -> list:
 def predict(cfg, accelerator) -> list:
     """[{file, top: [{class, probability}]}] for every readable image; printed and optionally saved."""
     paths = image_paths(cfg.predict)
+    if cfg.predict_json:
+        check_writable("--predict_json", Path(cfg.predict_json))
     weights = read_weights(cfg.load_model_path)
-    trained = weights["config"] or {}
     classes = weights["classes"] or [str(i) for i in range(weights["architecture"]["num_classes"])]
-    setting = {key: tuple(trained.get(key, getattr(cfg, key))) for key in ("resize", "random_crop", "mean", "std")}
-    tta = trained.get("tta", cfg.tta)
-    model = alexnet(num_classes=len(classes), groups=weights["architecture"]["groups"])
-    load_weights(model, cfg.load_model_path)
+    model = alexnet(num_classes=len(classes), groups=cfg.groups)
+    load_weights(model, cfg.load_model_path, weights)
     model = accelerator.prepare(model).eval()
-    augmentation = Augmentation(setting["random_crop"], setting["mean"], setting["std"], accelerator.device,
+    augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, accelerator.device,
                                 channels_last=accelerator.device.type == "cuda")
     top_k = min(cfg.top_k, len(classes))
     predictions = []
@@ -55,7 +56,7 @@ def predict(cfg, accelerator) -> list:
         batch, names = [], []
         for path in paths[start:start + 64]:
             try:
-                batch.append(resize_images(read_image(path)[None], setting["resize"]))
+                batch.append(resize_images(read_image(path)[None], cfg.resize))
                 names.append(path)
             except UnreadableImage as error:
                 accelerator.print(f"skipped {error}")
@@ -63,7 +64,7 @@ def predict(cfg, accelerator) -> list:
             continue
         images = torch.cat(batch).to(accelerator.device)
         with torch.no_grad(), accelerator.autocast():
-            views = list(augmentation.views(images, TTA_VIEWS[tta]))
+            views = list(augmentation.views(images, TTA_VIEWS[cfg.tta]))
             probabilities = sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
         values, indices = probabilities.topk(top_k, dim=1)
         for path, row_values, row_indices in zip(names, values.tolist(), indices.tolist()):
@@ -71,7 +72,10 @@ def predict(cfg, accelerator) -> list:
             predictions.append({"file": str(path), "top": top})
             accelerator.print(f"{path}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in top))
     if cfg.predict_json and accelerator.is_main_process:
-        Path(cfg.predict_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.predict_json).write_text(json.dumps(predictions, indent=1) + "\n")
+        try:
+            Path(cfg.predict_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.predict_json).write_text(json.dumps(predictions, indent=1) + "\n")
+        except OSError as error:
+            raise UsageError(f"--predict_json {cfg.predict_json} cannot be written ({error.strerror})") from None
         accelerator.print(f"wrote {len(predictions)} predictions to {cfg.predict_json}")
     return predictions

@@ -7,6 +7,7 @@ same run directory, at the same epoch and step, with the same data order and lea
 """
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,7 +18,8 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoints, complete_checkpoints, find_checkpoint, read_state, save_weights
 from .config import UsageError, learning_changes
-from .engine import TTA_VIEWS, Trainer, accuracy, build_optimizer, build_scheduler, evaluate, use_cuda_graphs
+from .engine import TTA_VIEWS, Trainer, accuracy, build_optimizer, build_scheduler, evaluate
+from .loaders import check_readable
 from .runtime import RunStopped, StopSignals, agree, breakdown, shared_value
 from .tracking import Tracker
 
@@ -75,6 +77,9 @@ def check_resumable(state: dict, cfg, data, path: Path):
     if saved.get("schedule") != cfg.schedule:
         raise UsageError(f"--resume {path} was trained with --schedule {saved.get('schedule')}: the schedule cannot "
                          f"change within a run (this run asks for {cfg.schedule})")
+    if (saved.get("ema", 0) > 0) != (cfg.ema > 0):
+        raise UsageError(f"--resume {path} was trained {'with' if saved.get('ema', 0) > 0 else 'without'} --ema: "
+                         "the weight average cannot be switched on or off within a run")
     changes = learning_changes(saved, cfg)
     if changes and not cfg.allow_config_change:
         raise UsageError(f"--resume {path}: these flags change what is learned ({'; '.join(changes)}); "
@@ -98,8 +103,9 @@ class Evaluator:
         return results
 
 
-def train(cfg, accelerator, data, model, loader, eval_batch: int):
-    """Train `model` as `cfg` says (from a checkpoint with --resume); returns the unwrapped model."""
+def train(cfg, accelerator, data, model, loader, eval_batch: int, graphs: bool):
+    """Train `model` as `cfg` says (from a checkpoint with --resume), its steps recorded as CUDA graphs
+    if `graphs`; returns the unwrapped model."""
     print_ = accelerator.print
     resume_from = shared_value(accelerator, agree(accelerator, lambda: find_checkpoint(cfg.resume, cfg.run_dir))) \
         if cfg.resume else None
@@ -109,13 +115,9 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int):
     stamp = state["stamp"] if state else shared_value(accelerator, time.strftime("%Y%m%d-%H%M%S"))
     run_dir = resume_from.parent.parent if state else shared_value(accelerator, agree(accelerator, lambda: new_run_dir(cfg, stamp)))
     save_path = Path(cfg.save.format(time=stamp))
-    if save_path.is_dir():
-        raise UsageError(f"--save {save_path} is a folder: give a file path such as {save_path}/model.pth")
+    agree(accelerator, lambda: check_writable("--save", save_path))
     train_loader = loader(data.train)
-    if train_loader.steps_per_epoch == 0:
-        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the {len(data.train)} training images")
     val_loader = loader(data.val) if data.val is not None else None
-    graphs = use_cuda_graphs(cfg, accelerator)
     optimizer = build_optimizer(model, cfg, accelerator.device, lr_on_device=graphs)
     scheduler = build_scheduler(optimizer, cfg, train_loader.steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -127,12 +129,16 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int):
 
     start_epoch, start_step, best = 0, 0, None
     if state:
-        checkpoints.clean()
-        try:
-            accelerator.load_state(str(resume_from))
-        except Exception as error:
-            raise UsageError(f"--resume {resume_from} cannot be loaded ({type(error).__name__}): it is damaged; "
-                             f"resume from an older checkpoint in {resume_from.parent}") from None
+        checkpoints.clean(newer_than=state["global_step"])
+
+        def load():
+            try:
+                accelerator.load_state(str(resume_from))
+            except Exception as error:
+                raise UsageError(f"--resume {resume_from} cannot be loaded ({type(error).__name__}): it is damaged; "
+                                 f"resume from an older checkpoint in {resume_from.parent}") from None
+
+        agree(accelerator, load)
         accelerator.step = 0  # checkpoints fall between optimizer steps, whatever the accumulation was then
         apply_optimizer_flags(optimizer, scheduler, cfg, state["config"])
         if graphs:  # the loaded learning rate must again be a tensor on the device
@@ -179,32 +185,36 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int):
     stop = StopSignals(accelerator)
 
     def after_step(epoch, step_in_epoch) -> bool:
-        mid_epoch = step_in_epoch < train_loader.steps_per_epoch
-        if cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0 and mid_epoch:
+        """Mid-epoch checkpoints and stops; at an epoch's last step the epoch ends normally first."""
+        if step_in_epoch == train_loader.steps_per_epoch:
+            return False
+        if cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0:
             save_checkpoint(epoch, step_in_epoch)
-        if cfg.log_freq and trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite:
-            first_bad, _ = trainer.nonfinite()
-            if first_bad is not None:
-                return True
+        if trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite and trainer.nonfinite()[0] is not None:
+            return True  # the next save (stopped_at below) names the step and stops
         return stop.requested(trainer.global_step)
+
+    def stopped(path: Path):
+        command = shlex.join([sys.argv[0], *_without_resume(sys.argv[1:]), "--resume", str(path)])
+        return RunStopped(f"stopped by {stop.name()} after optimizer step {trainer.global_step}; checkpoint "
+                          f"{path}; continue with the same launcher and: {command}", 128 + int(stop.received))
 
     evaluator = Evaluator(accelerator, model, len(data.classes), eval_batch, trainer.average)
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.num_epochs):
             stats = trainer.train_epoch(epoch, start_step if epoch == start_epoch else 0, after_step)
+            check_readable(accelerator, train_loader)
             stop_if_nonfinite()
             if stats["stopped_at"] is not None:
-                path = save_checkpoint(epoch, stats["stopped_at"])
-                command = shlex.join([sys.argv[0], *_without_resume(sys.argv[1:]), "--resume", str(path)])
-                raise RunStopped(f"stopped by {stop.name()} after optimizer step {trainer.global_step}; checkpoint "
-                                 f"{path}; continue with the same launcher and: {command}", 128 + int(stop.received))
+                raise stopped(save_checkpoint(epoch, stats["stopped_at"]))
             values = {"Accuracy/Train": stats["train_accuracy"], "Loss/Epoch": stats["train_loss"],
                       "images_per_second": stats["images_per_second"], "epoch_seconds": stats["epoch_seconds"],
                       "epoch": epoch + 1, "lr": trainer.lr}
             if val_loader is not None:
                 for (weights, _), confusion in evaluator(val_loader, (cfg.tta,)).items():
                     values["Accuracy/Validation" + ("_EMA" if weights == "ema" else "")] = accuracy(confusion)
+                check_readable(accelerator, val_loader)
             val_accuracy = values.get("Accuracy/Validation")
             if val_accuracy is not None and (best is None or val_accuracy > best):
                 best = val_accuracy
@@ -220,15 +230,19 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int):
             print_(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {stats['train_loss']:.4f}, train accuracy "
                    f"{100 * stats['train_accuracy']:.2f}%{validation}, {stats['images_per_second']:,.0f} images/s, "
                    f"{stats['epoch_seconds']:.1f} s{skipped}")
-            save_checkpoint(epoch + 1, 0, val_accuracy)
+            path = save_checkpoint(epoch + 1, 0, val_accuracy)
+            if epoch + 1 < cfg.num_epochs and stop.agreed():
+                raise stopped(path)
     finally:
         stop.restore()
     train_seconds = time.perf_counter() - started
     print_(f"trained {cfg.num_epochs - start_epoch} epochs in {train_seconds:.1f} s")
-    return _final_report(cfg, accelerator, data, model, loader, trainer, evaluator, tracker, save_path, train_seconds, config)
+    return _final_report(cfg, accelerator, data, model, loader, val_loader, trainer, evaluator, tracker, save_path,
+                         train_seconds, config)
 
 
-def _final_report(cfg, accelerator, data, model, loader, trainer, evaluator, tracker, save_path, train_seconds, config):
+def _final_report(cfg, accelerator, data, model, loader, val_loader, trainer, evaluator, tracker, save_path,
+                  train_seconds, config):
     """Save the final weights; validation accuracy in every test-time mode; test accuracy; end the tracker."""
     print_ = accelerator.print
     accelerator.wait_for_everyone()
@@ -243,8 +257,8 @@ def _final_report(cfg, accelerator, data, model, loader, trainer, evaluator, tra
             if accelerator.is_main_process:
                 save_weights(average_path, unwrapped, config, data.classes)
         print_(f"saved the averaged weights to {average_path}")
-    if data.val is not None:
-        for (weights, mode), confusion in evaluator(loader(data.val), tuple(TTA_VIEWS)).items():
+    if val_loader is not None:
+        for (weights, mode), confusion in evaluator(val_loader, tuple(TTA_VIEWS)).items():
             name = f"Accuracy/Validation_final{'_EMA' if weights == 'ema' else ''}/tta_{mode}"
             summary[name] = accuracy(confusion)
             print_(f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
@@ -253,11 +267,13 @@ def _final_report(cfg, accelerator, data, model, loader, trainer, evaluator, tra
     if data.test is None:
         print_(data.test_note)
     else:
-        for (weights, _), confusion in evaluator(loader(data.test), (cfg.tta,)).items():
+        test_loader = loader(data.test)
+        for (weights, _), confusion in evaluator(test_loader, (cfg.tta,)).items():
             label = "test" if weights == "model" else "test, averaged weights,"
             print_accuracy(print_, f"{label} (tta {cfg.tta})", confusion, data.classes)
             summary["Accuracy/Test" + ("_EMA" if weights == "ema" else "")] = accuracy(confusion)
             test_confusion = confusion if weights == "model" else test_confusion
+        check_readable(accelerator, test_loader)
     tracker.log(summary, step=trainer.global_step)
     tracker.finish(test_confusion, data.classes, save_path, trainer.global_step)
     return unwrapped
@@ -278,7 +294,26 @@ def _without_resume(argv: list) -> list:
 def _truncate_metrics(path: Path, global_step: int):
     """Drop what an interrupted run logged after its checkpoint: those steps are trained again."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= global_step]
+        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= global_step]
         temporary = path.with_suffix(".tmp")
         temporary.write_text("".join(line + "\n" for line in lines))
         temporary.replace(path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past the checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def check_writable(flag: str, path: Path):
+    """Fail now, not after training, when `path` cannot be written: its nearest existing folder must be one."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file path such as {path}/model.pth")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path} cannot be written ({parent} is not a writable folder)")

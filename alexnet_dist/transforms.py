@@ -84,10 +84,11 @@ class Augmentation:
 
     def train(self, images, plan: EpochPlan):
         out = self.normalise(self.crop_flip(images, plan.top, plan.left, plan.flip), plan.colour)
-        if self.cutout:
-            half = self.cutout / 2
-            inside_rows = ((self.rows[None, :] - plan.cut_y[:, None]).abs() < half)[:, None, :, None]
-            inside_cols = ((self.cols[None, :] - plan.cut_x[:, None]).abs() < half)[:, None, None, :]
+        if self.cutout:  # a cutout x cutout square centred on (cut_y, cut_x), clipped at the borders
+            rows = self.rows[None, :] - plan.cut_y[:, None] + self.cutout // 2
+            cols = self.cols[None, :] - plan.cut_x[:, None] + self.cutout // 2
+            inside_rows = ((rows >= 0) & (rows < self.cutout))[:, None, :, None]
+            inside_cols = ((cols >= 0) & (cols < self.cutout))[:, None, None, :]
             out = out.masked_fill(inside_rows & inside_cols, 0.0)  # 0 is the mean colour after normalising
         return out
 
@@ -102,9 +103,6 @@ class Augmentation:
             yield self.normalise(self.crop_flip(
                 images, torch.full((size,), top, device=images.device), torch.full((size,), left, device=images.device),
                 torch.full((size,), mirrored, device=images.device)))
-
-    def centre(self, images):
-        return next(self.views(images, 1))
 
 
 def _reflect(index, size: int):

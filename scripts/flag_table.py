@@ -1,9 +1,12 @@
-"""Print the README's flag table from alexnet_dist.config (tests/test_flags.py checks they agree).
+"""The README's flag table, from alexnet_dist.config (tests/test_flags.py checks they agree).
 
-    python scripts/flag_table.py
+    python scripts/flag_table.py            # print it
+    python scripts/flag_table.py --write    # replace the table in README.md
 """
 
 import dataclasses
+import sys
+from pathlib import Path
 
 from alexnet_dist.config import Config
 
@@ -18,5 +21,15 @@ def flag_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def write(readme: Path):
+    text = readme.read_text()
+    start = text.index("| flag | default | meaning |")
+    end = text.index("\n\n", start) + 1
+    readme.write_text(text[:start] + flag_table() + text[end:])
+
+
 if __name__ == "__main__":
-    print(flag_table(), end="")
+    if "--write" in sys.argv:
+        write(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(flag_table(), end="")

@@ -59,7 +59,7 @@ def test_crops_and_flips_match_slicing():
 def test_evaluation_transform_is_deterministic_centre_crop():
     images = torch.randint(0, 256, (4, 3, 70, 70), dtype=torch.uint8)
     augmentation = Augmentation((64, 64), (0.5,) * 3, (0.5,) * 3, CPU)
-    first, second = augmentation.centre(images), augmentation.centre(images)
+    first, second = next(augmentation.views(images, 1)), next(augmentation.views(images, 1))
     assert torch.equal(first, second)
     expected = (images[..., 3:67, 3:67].float() / 255 - 0.5) / 0.5
     assert torch.allclose(first, expected, atol=1e-6)
@@ -133,7 +133,8 @@ def write_folder(root: Path, split: str, per_class=3, classes=("cat", "dog"), si
 
 
 def folder_config(root, **flags):
-    return Config.from_flags({"dataset": "folder", "data_dir": str(root), "val_size": 0.0, "num_workers": 0, **flags})
+    return Config.from_flags({"dataset": "folder", "data_dir": str(root), "val_size": 0.0, "num_workers": 0,
+                              "batch_size": 2, **flags})
 
 
 @pytest.fixture
@@ -198,12 +199,12 @@ def test_cifar10_batches_on_disk(tmp_path, accelerator):
             pickle.dump({b"data": pixels.numpy(), b"labels": labels.tolist()}, handle)
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
-    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25}), accelerator)
+    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4}), accelerator)
     assert len(data.train) == 15 and len(data.val) == 5 and len(data.test) == 4
     assert data.classes[0] == "c0" and data.train.images.shape == (15, 3, 32, 32)
     (folder / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(UsageError, match="data_batch_3 is missing or corrupt"):
-        load_data(Config.from_flags({"data_dir": str(tmp_path)}), accelerator)
+        load_data(Config.from_flags({"data_dir": str(tmp_path), "batch_size": 4}), accelerator)
 
 
 def test_translation_mirrors_the_borders():
@@ -220,16 +221,18 @@ def test_translation_mirrors_the_borders():
 
 
 def test_cutout_blanks_one_square_to_the_mean():
-    images = torch.full((4, 3, 20, 20), 200, dtype=torch.uint8)
-    augmentation = Augmentation((16, 16), (0.5,) * 3, (0.5,) * 3, CPU, cutout=6)
-    plan = draw_plan(4, (20, 20), (16, 16), False, 0, 0)
-    out = augmentation.train(images, plan)
-    for i in range(4):
-        blank = (out[i, 0] == 0)
-        rows, cols = blank.any(dim=1).nonzero().flatten(), blank.any(dim=0).nonzero().flatten()
-        assert blank.sum() == len(rows) * len(cols) and 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6
-        assert abs(rows.float().mean() - plan.cut_y[i]) <= 1.5
-    assert (out != 0).sum() >= 4 * 3 * (16 * 16 - 36)
+    images = torch.full((3, 3, 20, 20), 200, dtype=torch.uint8)
+    for side in (6, 5):
+        augmentation = Augmentation((16, 16), (0.5,) * 3, (0.5,) * 3, CPU, cutout=side)
+        plan = draw_plan(3, (20, 20), (16, 16), False, 0, 0)
+        plan.cut_y, plan.cut_x = torch.tensor([8, 0, 15]), torch.tensor([7, 9, 15])  # inside, top edge, corner
+        blank = augmentation.train(images, plan)[:, 0] == 0  # 0 is the mean colour after normalising
+        rows, cols = blank.any(dim=2), blank.any(dim=1)
+        # rows [c - side // 2, c - side // 2 + side) of 0..15: clipped at the top (c = 0) and bottom (c = 15)
+        assert rows.sum(dim=1).tolist() == [side, side - side // 2, 1 + side // 2]
+        assert cols.sum(dim=1).tolist() == [side, side, 1 + side // 2]
+        assert rows[0].nonzero().min() == 8 - side // 2
+        assert all(blank[i].sum() == rows[i].sum() * cols[i].sum() for i in range(3))  # one rectangle each
 
 
 def test_pca_colour_follows_the_data_covariance():
@@ -259,4 +262,4 @@ def test_ten_test_views_are_the_papers():
     expected = [source[2:8, 3:9], source[:6, :6], source[:6, 6:], source[4:, :6], source[4:, 6:]]
     for index, crop in enumerate(expected):
         assert torch.equal(views[2 * index], crop) and torch.equal(views[2 * index + 1], crop.flip(-1))
-    assert torch.equal(augmentation.centre(images)[0, 0], expected[0])
+    assert torch.equal(next(augmentation.views(images, 1))[0, 0], expected[0])

@@ -29,7 +29,7 @@ def test_evaluation_modes_count_every_image_once():
                           partial(draw_plan, 37, (12, 12), (8, 8), True, 0))
     results = evaluate(ByBrightness(), loader, Accelerator(cpu=True), 2, batch_size=5, modes=("none", "flip", "ten"))
     assert all(int(confusion.sum()) == 37 for confusion in results.values())
-    logits = ByBrightness()(augmentation.centre(images))
+    logits = ByBrightness()(next(augmentation.views(images, 1)))
     expected = (logits.argmax(dim=1) == labels).float().mean().item()
     assert accuracy(results["none"]) == pytest.approx(expected)
     assert accuracy(results["flip"]) != accuracy(results["none"])  # mirroring swaps halves: a real second view

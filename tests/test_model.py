@@ -79,7 +79,8 @@ def test_seeded_outputs_are_reproducible():
 
 
 def test_single_position_shortcut_matches_the_pooled_classifier():
-    """At 64x64 conv5 leaves 1x1 maps: the folded first linear layer gives the same outputs and gradients."""
+    """At 64x64 conv5 leaves 1x1 maps: without dropout the folded first linear layer gives the same outputs
+    and gradients; with dropout in training the full layer runs (a mask per repeated copy, as in the seed)."""
     torch.manual_seed(0)
     model = alexnet(dropout=0.0)
     images = torch.randn(4, 3, 64, 64)
@@ -94,3 +95,14 @@ def test_single_position_shortcut_matches_the_pooled_classifier():
     assert torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-6)
     for name, parameter in model.named_parameters():
         assert torch.allclose(parameter.grad, reference_grads[name], rtol=1e-3, atol=1e-7), name
+
+
+def test_training_with_dropout_keeps_one_mask_per_repeated_copy():
+    torch.manual_seed(0)
+    model = alexnet(dropout=0.5).train()
+    images = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    full = model(images)
+    torch.manual_seed(1)
+    features = torch.flatten(model.avgpool(model.features(images)), 1)
+    assert torch.allclose(full, model.classifier(features), rtol=1e-4, atol=1e-6)
