@@ -9,6 +9,14 @@ the folder data set (45,000 training / 5,000 validation images, split by the run
 are chosen on validation accuracy only. Sweep runs share the GPU several at a time, so their
 durations are not speed figures; the solo runs' are. OUT receives summary.json, the benchmark
 JSON files and results.tar.gz (every run's config, metrics and log; no weights).
+
+On a lent machine (fire and termcolor wheels plus the CIFAR-10 tarball copied into .carry/, which
+.git/info/exclude ignores; carry [".carry"]; smoke ~2 min, sweep ~9 min):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/*.whl
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    mkdir -p data/cifar10-jpeg && tar xzf .carry/cifar10-jpeg-train.tar.gz -C data/cifar10-jpeg
+    python3 scripts/gpu_session.py smoke $OUT 2>&1 | tee $OUT/session.log
 """
 
 import json
