@@ -121,8 +121,7 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int, graphs: bool):
     optimizer = build_optimizer(model, cfg, accelerator.device, lr_on_device=graphs)
     scheduler = build_scheduler(optimizer, cfg, train_loader.steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    tracker_log = lambda values, step: tracker.log(values, step)  # the tracker starts once the state is loaded
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, tracker_log, graphs=graphs)
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, log=None, graphs=graphs)
     accelerator.register_for_checkpointing(scheduler, *([trainer.average] if trainer.average else []))
     checkpoints = Checkpoints(accelerator, run_dir / "checkpoints", cfg.keep_checkpoints)
     config = cfg.to_dict()
@@ -154,7 +153,7 @@ def train(cfg, accelerator, data, model, loader, eval_batch: int, graphs: bool):
     tracker = Tracker(accelerator, cfg, run_dir, {**config, "num_processes": accelerator.num_processes,
                                                    "precision": accelerator.mixed_precision, "version": __version__,
                                                    "device_name": device_name(accelerator.device)}, resume=bool(state))
-    print_("configuration: " + " ".join(f"{name}={value}" for name, value in config.items()))
+    trainer.log = tracker.log  # the tracker starts once a resumed state is loaded    print_("configuration: " + " ".join(f"{name}={value}" for name, value in config.items()))
     print_(f"{breakdown(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)}; "
            f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
            f"{', CUDA graphs' if graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
