@@ -32,6 +32,7 @@ from .engine import Trainer, build_optimizer, build_scheduler, use_cuda_graphs
 from .loaders import make_loader
 from .model import alexnet
 from .runtime import build_accelerator, micro_batch_size
+from .training import device_name
 from .transforms import Augmentation, colour_pca
 
 CIFAR_TRAIN_IMAGES = 45_000
@@ -148,7 +149,7 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
     torch_device = torch.device("cuda" if on_gpu else "cpu")
     seed = seed_pipeline(torch_device, batch_size, steps, windows, warmup=2, workers=seed_workers)
     project = project_pipeline(cfg, steps, windows)
-    name = torch.cuda.get_device_name(torch_device) if on_gpu else "CPU"
+    name = device_name(torch_device)
     result = {
         "device": name, "torch": torch.__version__, "batch_size": batch_size, "precision": project["precision"],
         "cuda_graphs": project["graphs"], "compile": compile, "seed_workers": seed_workers, "steps": steps,
