@@ -129,6 +129,11 @@ class Step:
             # fused SGD skips its update on the device where found_inf is 1: no host synchronisation
             self.found_inf = torch.zeros((), device=accelerator.device)
             optimizer.optimizer.found_inf = self.found_inf
+            # a skipped first step would leave fused SGD's momentum buffers allocated but never written:
+            # zeros make the first real step set buf = grad, exactly as SGD's own first step does
+            for group in optimizer.optimizer.param_groups:
+                for parameter in group["params"] if group["momentum"] else []:
+                    optimizer.optimizer.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
 
     def __call__(self, images, labels):
         with self.accelerator.accumulate(self.model):

@@ -178,6 +178,15 @@ def test_skipping_nonfinite_steps_leaves_the_weights_alone():
     step(torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the skipped step left no trace: the same model stepped once on the good batch only ends identical
+    reference = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        for target, source in zip(reference.parameters(), before):
+            target.copy_(source)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+    torch.nn.CrossEntropyLoss()(reference(torch.ones(3, 4)), torch.zeros(3, dtype=torch.int64)).backward()
+    plain.step()
+    assert all(torch.allclose(a, b) for a, b in zip(reference.parameters(), model.parameters()))
 
 
 # ---------------------------------------------------------------- bad input around checkpoints and data
