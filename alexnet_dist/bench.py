@@ -110,7 +110,7 @@ def project_pipeline(cfg: Config, steps: int, windows: int) -> dict:
                                 channels_last=device.type == "cuda")
     micro_batch = micro_batch_size(cfg.batch_size, 1, cfg.grad_accum_steps)
     loader = make_loader(imageset, augmentation, device, cfg, micro_batch, 0, 1)
-    graphs = use_cuda_graphs(cfg, accelerator)
+    graphs = use_cuda_graphs(cfg, accelerator, streaming=loader.streams)
     model = alexnet(groups=cfg.groups, init=cfg.init, dropout=cfg.dropout)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ from .checkpoint import load_weights, read_weights
 from .config import DEFAULTS, Config, UsageError, load_recipe
 from .data import load_data, pixel_sample
 from .engine import evaluate, use_cuda_graphs
-from .loaders import make_loader
+from .loaders import make_loader, streams
 from .model import alexnet
 from .predict import predict
 from .runtime import RunStopped, agree, build_accelerator, micro_batch_size
@@ -82,6 +82,12 @@ def _colour_basis(cfg, data):
     return colour_pca(pixel_sample(data.train, cfg.resize))
 
 
+def seed_dropout(seed: int, rank: int):
+    """Every rank drew the same initial weights from `seed`; from here on each rank draws its own dropout
+    masks (a stream of its own, from seed and rank), while the data plan keeps its own seeded generator."""
+    torch.manual_seed(seed * 65_536 + rank + 1)
+
+
 def with_weights_settings(cfg: Config) -> Config:
     """Evaluation and predictions use the network and preprocessing the weights were trained with."""
     payload = read_weights(cfg.load_model_path)
@@ -103,10 +109,11 @@ def run(cfg: Config):
     accelerator = build_accelerator(cfg, log_with=None if cfg.logger == "none" or not cfg.train else cfg.logger,
                                     project_dir="runs")
     micro_batch = micro_batch_size(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)
-    graphs = cfg.train and use_cuda_graphs(cfg, accelerator)
     set_seed(cfg.seed)
     data = load_data(cfg, accelerator)
+    graphs = cfg.train and use_cuda_graphs(cfg, accelerator, streaming=streams(data.train, cfg))
     model = alexnet(num_classes=len(data.classes), groups=cfg.groups, dropout=cfg.dropout, init=cfg.init)
+    seed_dropout(cfg.seed, accelerator.process_index)
     if cfg.load_model_path:
         agree(accelerator, lambda: load_weights(model, cfg.load_model_path))
         accelerator.print(f"loaded weights from {cfg.load_model_path}"

@@ -164,15 +164,20 @@ class GraphedStep(Step):
     then every step copies its batch into the graph's input buffers and replays. The learning rate
     is a device tensor (see build_optimizer) that the scheduler fills in place, so the graph sees it
     change. Dropout stays random: CUDA graphs advance the RNG offset on every replay.
+
+    Graphs only make the run faster, so they must never end it: if recording or the first replay
+    raises, one line says why and every later step runs eagerly.
     """
 
     warmup = 3
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.graph, self.calls = None, 0
+        self.graph, self.calls, self.eager, self.replays = None, 0, False, 0
 
     def __call__(self, images, labels):
+        if self.eager:
+            return super().__call__(images, labels)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
             side = torch.cuda.Stream()
@@ -181,28 +186,58 @@ class GraphedStep(Step):
                 result = super().__call__(images, labels)
             torch.cuda.current_stream().wait_stream(side)
             return result
-        if self.graph is None:
-            self._record(images, labels)
-        self.static_images.copy_(images)
-        self.static_labels.copy_(labels)
-        self.graph.replay()
+        try:
+            if self.graph is None:
+                self._record(images, labels)
+            self._keep_recorded_lr()
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            if self.replays == 0:
+                torch.cuda.synchronize()  # an error of the first replay shows here, while it can still fall back
+            self.replays += 1
+        except Exception as error:
+            if self.replays:
+                raise  # later replays run the graph that already worked: this is not the graph's doing
+            self._fall_back(error)
+            return super().__call__(images, labels)
         return self.static_loss, self.static_logits
 
     def _record(self, images, labels):
         self.static_images, self.static_labels = images.clone(), labels.clone()
+        self.recorded_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if not all(isinstance(lr, torch.Tensor) for lr in self.recorded_lr):
+            raise RuntimeError("the learning rate is not a device tensor (build_optimizer(lr_on_device=True))")
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes, not adds, the gradients
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: another thread's CUDA work (a pin-memory thread, say) cannot break the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             logits, loss = self._forward_backward_update(self.static_images, self.static_labels)
         self.static_logits, self.static_loss = logits.detach(), loss.detach()
 
+    def _keep_recorded_lr(self):
+        """The graph reads the learning rate from the tensors it was recorded with: if a scheduler put
+        another value (or tensor) in a parameter group, copy it into the recorded tensor and put that back."""
+        for group, recorded in zip(self.optimizer.param_groups, self.recorded_lr):
+            if group["lr"] is not recorded:
+                recorded.fill_(float(group["lr"]))
+                group["lr"] = recorded
 
-def use_cuda_graphs(cfg, accelerator) -> bool:
-    """auto: on one CUDA process without accumulation or fp16's loss scaling."""
+    def _fall_back(self, error: Exception):
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        self.accelerator.print(f"CUDA graphs off for this run ({type(error).__name__}: {reason[:200]}); "
+                               "training continues eagerly")
+        self.graph, self.eager = None, True
+        self.optimizer.zero_grad(set_to_none=True)  # drop gradients a failed capture may have left
+
+
+def use_cuda_graphs(cfg, accelerator, streaming: bool = False) -> bool:
+    """auto: on one CUDA process without accumulation or fp16's loss scaling, and not with the stream
+    loader (its pin-memory thread works on the device while a step would be recorded)."""
     possible = (accelerator.device.type == "cuda" and accelerator.num_processes == 1 and cfg.grad_accum_steps == 1
                 and accelerator.mixed_precision != "fp16")
     if cfg.cuda_graphs == "auto":
-        return possible
+        return possible and not streaming
     if cfg.cuda_graphs == "true" and not possible:
         raise UsageError("--cuda_graphs True needs one CUDA process, grad_accum_steps 1 and no fp16; use auto or False")
     return cfg.cuda_graphs == "true"

@@ -106,9 +106,14 @@ def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, mic
                    translate=cfg.translate, colour_std=cfg.pca_color)
     common = dict(device=device, resize=cfg.resize, batch_size=cfg.batch_size, micro_batch=micro_batch, rank=rank,
                   world=world, plan=plan)
-    if imageset.images is not None and cfg.loader != "stream":
+    if not streams(imageset, cfg):
         return DeviceLoader(imageset, augmentation, **common)
     return StreamLoader(imageset, augmentation, num_workers=worker_count(cfg.num_workers), **common)
+
+
+def streams(imageset: ImageSet, cfg) -> bool:
+    """Whether `make_loader` gives this split the stream loader: asked for, or the images are not in memory."""
+    return imageset.images is None or cfg.loader == "stream"
 
 
 def check_readable(accelerator, *loaders):

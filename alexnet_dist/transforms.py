@@ -89,7 +89,7 @@ class Augmentation:
             cols = self.cols[None, :] - plan.cut_x[:, None] + self.cutout // 2
             inside_rows = ((rows >= 0) & (rows < self.cutout))[:, None, :, None]
             inside_cols = ((cols >= 0) & (cols < self.cutout))[:, None, None, :]
-            out = out.masked_fill(inside_rows & inside_cols, 0.0)  # 0 is the mean colour after normalising
+            out.masked_fill_(inside_rows & inside_cols, 0.0)  # in place keeps channels_last; 0 is the mean colour
         return out
 
     def views(self, images, count: int = 1):

@@ -1,101 +1,247 @@
-"""The GPU measurements of the speed and accuracy issues, as one time-boxed script per device session.
+"""The GPU measurements, as time-boxed commands that always bring their figures back.
 
-    python scripts/gpu_session.py smoke OUT   # graph check, benchmark, one default 25-epoch run
-    python scripts/gpu_session.py sweep OUT   # recipe search on the validation split, then 3 seeds
-                                              # of the best, the paper's and the seed's recipes
+    python scripts/gpu_session.py smoke OUT   # graph check, benchmark, the default command as a user runs it
+    python scripts/gpu_session.py sweep OUT   # recipe search on the validation split, then 3 seeds of the
+                                              # best, the paper's and the seed's recipes
+    python scripts/gpu_session.py smoke OUT --rehearse   # the same on the CPU: fake data, tiny runs
 
-Every training run is the real entry point (launch/train.py) on the CIFAR-10 training images of
-the folder data set (45,000 training / 5,000 validation images, split by the run's seed); recipes
-are chosen on validation accuracy only. Sweep runs share the GPU several at a time, so their
-durations are not speed figures; the solo runs' are. OUT receives summary.json, the benchmark
-JSON files and results.tar.gz (every run's config, metrics and log; no weights).
+Contract with the device tool (whatever fails, hangs or runs out of time): OUT receives at most
+three files, `summary.json` (every stage: its command, status, seconds and figures; rewritten after
+each stage), `results.tar.gz` (each run's config, metrics, log and the stages' JSON, written once at
+the end in the main thread at gzip level 1, capped below 16 MiB) and the caller's `session.log`.
+Run folders, checkpoints (at most one kept besides the best, deleted when the run ends) and weights
+live under --work (default /tmp/gpu_session), never under OUT. Every subprocess runs in its own
+process group with a timeout, and the script ends inside --budget seconds (one device command may
+run 10 minutes).
 
-On a lent machine (fire and termcolor wheels plus the CIFAR-10 tarball copied into .carry/, which
-.git/info/exclude ignores; carry [".carry"]; smoke ~2 min, sweep ~9 min):
+On a lent machine: copy ../shared/wheels/*.whl and ../shared/data/cifar10-jpeg-train.tar.gz into
+.carry/ (ignored through .git/info/exclude), then run with carry [".carry"]:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/*.whl
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-    mkdir -p data/cifar10-jpeg && tar xzf .carry/cifar10-jpeg-train.tar.gz -C data/cifar10-jpeg
-    python3 scripts/gpu_session.py smoke $OUT 2>&1 | tee $OUT/session.log
+    bash scripts/gpu_session.sh smoke     # about 3 minutes; then, as a second command:
+    bash scripts/gpu_session.sh sweep     # about 9 minutes
 """
 
+import contextlib
+import io
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import fire
-
 ROOT = Path(__file__).resolve().parents[1]
-START = time.perf_counter()
-
-
-def elapsed() -> float:
-    return time.perf_counter() - START
+MiB = 1024 * 1024
+ARCHIVE_LIMIT = 15 * MiB
+LOG_TAIL = 200_000  # characters of each log kept in the archive
 
 
 class Session:
-    def __init__(self, out, data_dir="data/cifar10-jpeg", dataset="folder", epochs=25, parallel=4, budget=560.0):
-        self.out, self.runs = Path(out), Path(out) / "work" / "runs"
-        self.runs.mkdir(parents=True, exist_ok=True)
-        self.common = ["--dataset", dataset, "--data_dir", data_dir, "--logger", "none", "--num_epochs", str(epochs)]
-        self.parallel, self.budget, self.results = parallel, budget, []
+    """Stages with time limits, a summary rewritten after each one, one archive at the end."""
 
-    def log(self, message):
-        print(f"[{elapsed():6.1f} s] {message}", flush=True)
-
-    def train(self, name: str, flags: dict) -> dict:
-        """One launch/train.py run; returns its flags, wall time and final summary line."""
-        argv = self.common + [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-        argv += ["--run_dir", str(self.runs / name), "--save", f"/tmp/weights/{name}.pth"]
-        started = time.perf_counter()
-        process = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *argv], capture_output=True, text=True,
-                                 cwd=ROOT)
-        seconds = time.perf_counter() - started
-        (self.runs.parent / f"{name}.log").write_text(process.stdout + process.stderr)
-        result = {"name": name, "flags": flags, "wall_seconds": seconds, "returncode": process.returncode}
-        metrics = self.runs / name / "metrics.jsonl"
-        if process.returncode == 0 and metrics.exists():
-            result["summary"] = json.loads(metrics.read_text().splitlines()[-1])
-            finals = {k: v for k, v in result["summary"].items() if k.startswith("Accuracy/Validation_final")}
-            result["best_key"], result["score"] = max(finals.items(), key=lambda item: item[1]) if finals else (None, 0.0)
+    def __init__(self, out, work="/tmp/gpu_session", budget=540.0, rehearse=False, data_dir="data/cifar10-jpeg",
+                 run_timeout=None, parallel=4):
+        self.started = time.perf_counter()
+        self.out, self.work, self.budget, self.rehearse = Path(out), Path(work), float(budget), rehearse
+        self.out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        if rehearse:  # the CPU rehearsal: generated data, one tiny epoch per run
+            self.common = ["--dataset", "fake", "--num_epochs", "1", "--batch_size", "32", "--fraction_of_data", "0.2",
+                           "--device", "cpu"]
         else:
-            result["score"] = 0.0
-            result["error"] = (process.stderr or process.stdout)[-800:]
-        self.results.append(result)
-        self.log(f"{name}: {result['score']:.4f} ({result.get('best_key')}), {seconds:.1f} s, rc {process.returncode}")
-        self.save()
-        return result
+            self.common = ["--dataset", "folder", "--data_dir", data_dir, "--num_epochs", "25"]
+        self.run_timeout = run_timeout or (120.0 if rehearse else 300.0)
+        self.parallel = 2 if rehearse else parallel
+        self.summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "rehearsal": rehearse, "budget_seconds": budget,
+                        "environment": environment(), "stages": []}
+        self.write_summary()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def remaining(self) -> float:
+        return self.budget - self.elapsed()
+
+    def log(self, message: str):
+        print(f"[{self.elapsed():6.1f} s] {message}", flush=True)
+
+    def write_summary(self):
+        """Atomically, from the main thread only: a kill at any moment leaves the last complete summary."""
+        self.summary["elapsed_seconds"] = round(self.elapsed(), 1)
+        temporary = self.out / ".summary.json.tmp"
+        temporary.write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
+        os.replace(temporary, self.out / "summary.json")
+
+    def command(self, name: str, argv: list, timeout: float, env: dict | None = None) -> dict:
+        """Run `argv` in its own process group, output to WORK/logs/NAME.log, killed with its children at
+        the timeout (or at what is left of the budget, whichever comes first)."""
+        limit = max(1.0, min(timeout, self.remaining() - 15.0))
+        log_path = self.work / "logs" / f"{name}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, **(env or {})})
+            try:
+                code, status = process.wait(timeout=limit), None
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                code, status = process.wait(), "timeout"
+        seconds = time.perf_counter() - started
+        status = status or ("ok" if code == 0 else "failed")
+        return {"name": name, "command": " ".join(map(str, argv)), "status": status, "returncode": code,
+                "seconds": round(seconds, 2), "timeout_seconds": round(limit, 1), "log": log_path}
+
+    def record(self, stage: dict):
+        """Main thread only: add a finished stage to the summary."""
+        log_path = stage.pop("log", None)
+        if stage["status"] != "ok" and log_path and Path(log_path).exists():
+            stage["log_tail"] = Path(log_path).read_text(errors="replace")[-1500:]
+        self.summary["stages"].append(stage)
+        self.write_summary()
+        figures = {k: v for k, v in stage.items() if k not in ("name", "command", "log_tail", "status", "flags")}
+        self.log(f"{stage['name']}: {stage['status']} {json.dumps(figures, default=str)[:400]}")
+
+    def train(self, name: str, flags: dict, launcher: list | None = None, logger="none", timeout=None) -> dict:
+        """One run of the real entry point (or of `launcher`, e.g. accelerate launch); its final figures."""
+        run_dir = self.work / "runs" / name
+        argv = (launcher or [sys.executable, str(ROOT / "launch" / "train.py")]) + self.common
+        argv += [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+        argv += ["--logger", logger, "--run_dir", str(run_dir), "--save", str(self.work / "weights" / f"{name}.pth"),
+                 "--keep_checkpoints", "1"]
+        wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(self.work / "wandb"), "WANDB_SILENT": "true"}
+        stage = self.command(name, argv, timeout or self.run_timeout, env=wandb_env)
+        stage["flags"] = flags
+        stage.update(run_figures(run_dir, stage["log"]))
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 436 MB each: gone as soon as the run ends
+        shutil.rmtree(self.work / "weights", ignore_errors=True)
+        return stage
 
     def wave(self, runs: list) -> list:
+        """Several runs at once on the device; results recorded by the main thread as they finish."""
+        results = []
         with ThreadPoolExecutor(self.parallel) as pool:
-            return list(pool.map(lambda run: self.train(*run), runs))
+            futures = [pool.submit(self.train, *run) for run in runs]
+            for future in as_completed(futures):
+                results.append(future.result())
+                self.record(results[-1])
+        return results
 
-    def command(self, name: str, argv: list, timeout: float):
-        started = time.perf_counter()
+    def json_stage(self, name: str, argv: list, timeout: float, json_name: str, skip_codes=()) -> dict:
+        """A script that writes a JSON file of figures: the figures go into the summary."""
+        json_path = self.work / "logs" / json_name
+        stage = self.command(name, [*argv, "--json_path", str(json_path)], timeout)
+        if stage["returncode"] in skip_codes:
+            stage["status"] = "skipped"
+        if json_path.exists():
+            stage["figures"] = json.loads(json_path.read_text())
+        self.record(stage)
+        return stage
+
+    @contextlib.contextmanager
+    def guarded(self):
+        """Whatever the stages raise, the summary says so and the archive is still written."""
         try:
-            process = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-            text, code = process.stdout + process.stderr, process.returncode
-        except subprocess.TimeoutExpired as error:
-            text, code = f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {timeout} s", -1
-        (self.runs.parent / f"{name}.log").write_text(text)
-        self.log(f"{name}: rc {code}, {time.perf_counter() - started:.1f} s\n{text[-1500:]}")
+            yield
+        except BaseException as error:
+            self.summary["script_error"] = "".join(traceback.format_exception(error))[-3000:]
+            raise
+        finally:
+            self.finish()
 
-    def save(self):
-        (self.out / "summary.json").write_text(json.dumps(self.results, indent=1, default=str))
-        with tarfile.open(self.out / "results.tar.gz", "w:gz") as archive:
-            archive.add(self.runs.parent, arcname="gpu_session")
+    def finish(self):
+        """The archive, once, in the main thread, at a low compression level; then the final summary."""
+        archive = self.out / "results.tar.gz"
+        with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+            for path in sorted(self.work.rglob("*")):
+                if path.is_file() and path.suffix in (".json", ".jsonl", ".log") and "wandb" not in path.parts:
+                    data = path.read_bytes()[-LOG_TAIL:] if path.suffix == ".log" else path.read_bytes()
+                    info = tarfile.TarInfo(str(path.relative_to(self.work)))
+                    info.size = len(data)
+                    tar.addfile(info, fileobj=io.BytesIO(data))
+        if archive.stat().st_size > ARCHIVE_LIMIT:  # never more than can come back: keep the summary alone
+            archive.unlink()
+            self.summary["archive"] = "dropped: over 15 MiB"
+        self.summary["out_contract"] = out_contract(self.out)
+        self.summary["finished"] = True
+        self.write_summary()
+        self.log(f"done: {len(self.summary['stages'])} stages, OUT {self.summary['out_contract']}")
 
 
-def smoke(out, **options):
-    session = Session(out, **options)
-    session.command("graph_check", [sys.executable, "scripts/graph_check.py", "--json_path", f"{out}/graph_check.json"], 120)
-    session.command("bench_default", [sys.executable, "-m", "alexnet_dist.bench", "--json_path", f"{out}/bench_default.json"], 180)
-    session.train("default_solo", {})
-    session.save()
+def environment() -> dict:
+    info = {"python": sys.version.split()[0]}
+    try:
+        import torch
+
+        info.update(torch=torch.__version__, cuda=torch.cuda.is_available(),
+                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    except Exception as error:
+        info["torch"] = f"not importable: {error}"
+    for module in ("accelerate", "fire", "wandb"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception as error:
+            info[module] = f"not importable: {type(error).__name__}"
+    return info
+
+
+def run_figures(run_dir: Path, log_path: Path) -> dict:
+    """What a finished run reports: final accuracies (every test-time mode), training time, best mode."""
+    figures = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        final = {k: v for row in rows for k, v in row.items() if k.startswith(("Accuracy/Validation_final", "Accuracy/Test"))}
+        figures["final"] = final
+        validation = {k: v for k, v in final.items() if k.startswith("Accuracy/Validation_final")}
+        if validation:
+            figures["best_key"], figures["score"] = max(validation.items(), key=lambda item: item[1])
+    text = Path(log_path).read_text(errors="replace") if Path(log_path).exists() else ""
+    trained = re.search(r"trained \d+ epochs in ([\d.]+) s", text)
+    if trained:
+        figures["train_seconds"] = float(trained.group(1))
+    return figures
+
+
+def out_contract(out: Path) -> dict:
+    """What the device tool hands back: at most 8 files, 2 folders deep, 16 MiB each, 64 MiB in all."""
+    files = [path for path in Path(out).rglob("*") if path.is_file()]
+    sizes = [path.stat().st_size for path in files]
+    depth = max((len(path.relative_to(out).parts) - 1 for path in files), default=0)
+    ok = len(files) <= 8 and depth <= 2 and max(sizes, default=0) < 16 * MiB and sum(sizes) < 64 * MiB
+    return {"files": len(files), "deepest_folder": depth, "largest_bytes": max(sizes, default=0), "ok": ok}
+
+
+def accelerate_launch() -> list:
+    """`accelerate launch` as a user types it (its module if the console script is not on PATH)."""
+    script = shutil.which("accelerate")
+    return [script, "launch"] if script else [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def smoke(out, rehearse: bool = False, **options):
+    """Graph check, benchmark, then `accelerate launch launch/train.py --num_epochs 25 ...` as the README says."""
+    session = Session(out, rehearse=rehearse, **options)
+    with session.guarded():
+        smoke_stages(session, rehearse)
+
+
+def smoke_stages(session: Session, rehearse: bool):
+    session.json_stage("graph_check", [sys.executable, "scripts/graph_check.py"], 240, "graph_check.json", skip_codes=(3,))
+    bench = ["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"] if rehearse else []
+    session.json_stage("bench", [sys.executable, "-m", "alexnet_dist.bench", *bench], 200, "bench.json")
+    logger = "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
+    flags = {} if rehearse else {"num_epochs": 25}
+    stage = session.train("default_command", flags, launcher=accelerate_launch() + ["launch/train.py"], logger=logger,
+                          timeout=300)
+    stage["logger"] = logger if logger == "wandb" else "tensorboard (wandb does not import here)"
+    session.record(stage)
 
 
 SEARCH = [  # each wave varies the best flags so far; a change is kept when it validates better
@@ -103,45 +249,69 @@ SEARCH = [  # each wave varies the best flags so far; a change is kept when it v
                   ("kaiming_t8", {"init": "kaiming", "translate": 8})],
     lambda best: [("cutout16", {**best, "cutout": 16}), ("pca", {**best, "pca_color": 0.1}),
                   ("lr_up", {**best, "lr": 0.1}), ("lr_down", {**best, "lr": 0.025})],
-    lambda best: [("wd_up", {**best, "weight_decay": 1e-3}), ("wd_down", {**best, "weight_decay": 2.5e-4}),
-                  ("smooth_up", {**best, "label_smoothing": 0.2}), ("smooth_off", {**best, "label_smoothing": 0.0})],
+    lambda best: [("dropout_less", {**best, "dropout": 0.25}), ("smooth_off", {**best, "label_smoothing": 0.0}),
+                  ("wd_up", {**best, "weight_decay": 1e-3}), ("cosine", {**best, "schedule": "warmup_cosine"})],
     lambda best: [("more_translate", {**best, "translate": best.get("translate", 0) + 4}),
-                  ("cutout24", {**best, "cutout": 24}), ("dropout_less", {**best, "dropout": 0.3}),
-                  ("cosine", {**best, "schedule": "warmup_cosine"})],
-    lambda best: [("warmup2", {**best, "warmup_epochs": 2}), ("ema_slow", {**best, "ema": 0.9995}),
-                  ("ema_fast", {**best, "ema": 0.998}), ("no_nesterov", {**best, "nesterov": False})],
+                  ("ema_slow", {**best, "ema": 0.9995}), ("warmup2", {**best, "warmup_epochs": 2}),
+                  ("no_ema", {**best, "ema": 0.0})],
 ]
+REHEARSAL_SEARCH = [lambda best: [("base", {}), ("kaiming", {"init": "kaiming"})]]
 
 
-def sweep(out, sweep_until: float = 330.0, **options):
-    session = Session(out, **options)
+def sweep(out, rehearse: bool = False, inject: str = "", sweep_until: float = 330.0, **options):
+    """Greedy waves on validation accuracy until `sweep_until` seconds, then the finals.
+
+    `inject` (rehearsal): bad_flag adds a run that fails at once, hang one that sleeps past its timeout.
+    """
+    session = Session(out, rehearse=rehearse, **options)
+    with session.guarded():
+        search(session, rehearse, _names(inject), sweep_until)
+
+
+def _names(value) -> set:
+    """Fire hands `a,b` over as a tuple, `a` as a string."""
+    return set(value.split(",")) if isinstance(value, str) else set(value or ())
+
+
+def search(session: Session, rehearse: bool, inject: set, sweep_until: float):
     best, best_score, wave_seconds = {}, -1.0, 0.0
-    for number, make in enumerate(SEARCH):
-        if elapsed() + wave_seconds > sweep_until:
-            session.log(f"search stops before wave {number + 1}: {elapsed():.0f} s used")
+    for number, make in enumerate(REHEARSAL_SEARCH if rehearse else SEARCH):
+        if session.elapsed() + wave_seconds > sweep_until:
+            session.log(f"search stops before wave {number + 1}: {session.elapsed():.0f} s used")
             break
         started = time.perf_counter()
         candidates = [(f"w{number + 1}_{name}", {"ema": 0.999, **flags}) for name, flags in make(best)]
+        if number == 0 and "bad_flag" in inject:
+            candidates.append(("w1_bad_flag", {"no_such_flag": 1}))
+        if number == 0 and "hang" in inject:
+            hang = [sys.executable, "-c", "import time; time.sleep(3600)"]
+            candidates.append(("w1_hang", {}, hang, "none", 5.0))
         for result in session.wave(candidates):
-            if result["score"] > best_score + (0.001 if best else 0.0):
-                best, best_score = {k: v for k, v in result["flags"].items()}, result["score"]
-                session.log(f"best so far: {result['name']} {best_score:.4f} {best}")
+            if result.get("score", -1.0) > best_score + (0.001 if best else 0.0):
+                best, best_score = dict(result["flags"]), result["score"]
+        session.summary["best_so_far"] = {"flags": best, "score": best_score}
+        session.write_summary()
         wave_seconds = time.perf_counter() - started
-    (Path(out) / "chosen.json").write_text(json.dumps({"flags": best, "score": best_score}, indent=1))
-    finals = [(f"best_seed{seed}", {**best, "seed": seed}) for seed in (1, 2)]
-    finals += [("best_plain_path", {**best, "loader": "stream", "cuda_graphs": "false"})]
-    for recipe in ("paper", "seed"):
-        finals += [(f"{recipe}_seed{seed}", {"recipe": f"configs/recipes/{recipe}.yaml", "seed": seed}) for seed in range(3)]
-    session.parallel = 5
-    session.wave(finals)
-    session.train("best_solo", best)
-    remaining = session.budget - elapsed()
-    bench_flags = [item for key, value in best.items() for item in (f"--{key}", str(value))]
-    if remaining > 60:
-        session.command("bench_best", [sys.executable, "-m", "alexnet_dist.bench", "--json_path", f"{out}/bench_best.json",
-                                       *bench_flags], remaining - 20)
-    session.save()
+    seeds = (1,) if rehearse else (1, 2)
+    finals = [(f"best_seed{seed}", {**best, "seed": seed}) for seed in seeds]
+    if not rehearse:
+        for recipe in ("paper", "seed"):
+            finals += [(f"{recipe}_seed{seed}", {"recipe": f"configs/recipes/{recipe}.yaml", "seed": seed}) for seed in range(3)]
+    if session.remaining() > session.run_timeout / 2:
+        session.parallel = 2 if rehearse else 5
+        session.wave(finals)
+    else:
+        session.log("no time left for the finals")
+
+
+def main(argv: list):
+    if len(argv) < 2 or argv[0] not in ("smoke", "sweep"):
+        print(__doc__)
+        sys.exit(2)
+    import fire
+
+    fire.Fire({"smoke": smoke, "sweep": sweep}, command=argv)
 
 
 if __name__ == "__main__":
-    fire.Fire({"smoke": smoke, "sweep": sweep})
+    main(sys.argv[1:])

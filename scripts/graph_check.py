@@ -2,61 +2,179 @@
 
     python scripts/graph_check.py [--steps 12] [--json_path OUT.json]
 
-Trains the same initial AlexNet for a few optimizer steps on the same batches (dropout off, a
-changing learning rate), once eagerly and once through GraphedStep, and prints the largest
-difference of the losses and of the final weights.
+Each check trains the same initial AlexNet on the same random batches, eagerly and through
+GraphedStep, and compares against a stated tolerance. Exit status 0 when every check passes,
+1 when one fails, 3 when there is no GPU (nothing to check). The checks:
+  exact        dropout 0 (the folded classifier), a changing lr: losses and final weights agree
+  dropout      dropout 0.5 at lr 0: two replays of one batch give different losses (and, as the
+               control, equal losses at dropout 0), so the masks are redrawn on every replay
+  dropout_mean dropout 0.5 over `steps` steps: the graphed mean loss is close to the eager one
+  plateau      the lr that ReduceLROnPlateau sets reaches the graph: one replay's update shrinks ~10x
+  ema          the weight average under graphs follows the eager one
+  compile      torch.compile'd model recorded as a graph: losses agree with the compiled eager step
 """
 
 import json
+import sys
 
 import fire
 import torch
-from accelerate.utils import set_seed
 
 from alexnet_dist.config import Config
-from alexnet_dist.engine import GraphedStep, Step, build_optimizer, build_scheduler
+from alexnet_dist.engine import GraphedStep, Step, WeightAverage, build_optimizer, build_scheduler
 from alexnet_dist.model import alexnet
 from alexnet_dist.runtime import build_accelerator
 
+BATCH = 128
+# bf16 autocast: the same kernels run in both paths, but cuDNN may pick other algorithms per run
+LOSS_TOLERANCE = 0.02       # relative, per step
+WEIGHT_TOLERANCE = 0.05     # largest weight difference / largest weight change in training
+MEAN_LOSS_TOLERANCE = 0.05  # relative, mean loss over the steps with dropout
+PLATEAU_RATIO = (5.0, 20.0)  # update size before / after lr /= 10
 
-def train(cfg, accelerator, graphs: bool, batches):
-    set_seed(0)
-    model = alexnet(init="kaiming", dropout=0.0).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg, accelerator.device, lr_on_device=graphs)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(batches))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = (GraphedStep if graphs else Step)(accelerator, model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=0.1))
-    initial = {name: value.detach().float().clone() for name, value in accelerator.unwrap_model(model).state_dict().items()}
-    losses = []
-    for images, labels in batches:
-        loss, _ = step(images, labels)
-        scheduler.step()
-        losses.append(float(loss))
-    final = {name: value.detach().float().clone() for name, value in accelerator.unwrap_model(model).state_dict().items()}
-    return losses, final, max((final[name] - initial[name]).abs().max().item() for name in final)
+
+def weights(model) -> dict:
+    return {name: value.detach().float().clone() for name, value in model.state_dict().items()}
+
+
+class Setup:
+    """The model, optimizer, schedule and step of one trial, built the way training builds them."""
+
+    def __init__(self, accelerator, graphs: bool, compile: bool = False, **flags):
+        base = {"logger": "none", "batch_size": BATCH, "warmup_epochs": 0.5, "num_epochs": 1, "init": "kaiming"}
+        self.cfg = Config.from_flags({**base, **flags})
+        torch.manual_seed(0)
+        model = alexnet(init="kaiming", dropout=self.cfg.dropout).to(memory_format=torch.channels_last)
+        if compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, self.cfg, accelerator.device, lr_on_device=graphs)
+        self.scheduler = build_scheduler(optimizer, self.cfg, steps_per_epoch=12)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.step = (GraphedStep if graphs else Step)(accelerator, self.model, self.optimizer, criterion)
+        self.average = WeightAverage(self.model, 0.9) if self.cfg.ema else None
+        self.initial = weights(self.model)
+
+    def train(self, batches) -> list:
+        losses = []
+        for images, labels in batches:
+            loss, _ = self.step(images, labels)
+            if self.average is not None:
+                self.average.update()
+            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step()
+            losses.append(float(loss))
+        if isinstance(self.step, GraphedStep) and self.step.eager:
+            raise RuntimeError("GraphedStep fell back to eager steps: nothing was replayed")
+        return losses
+
+    def set_lr(self, value: float):
+        self.scheduler.base_lrs = [value] * len(self.optimizer.param_groups)  # LambdaLR recomputes from these
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(value) if isinstance(group["lr"], torch.Tensor) else group.update(lr=value)
+
+
+def relative(a, b) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def check_exact(accelerator, batches, compile=False) -> dict:
+    eager, graphed = Setup(accelerator, False, compile, dropout=0.0), Setup(accelerator, True, compile, dropout=0.0)
+    eager_losses, graph_losses = eager.train(batches), graphed.train(batches)
+    final_eager, final_graph = weights(eager.model), weights(graphed.model)
+    change = max((final_eager[k] - eager.initial[k]).abs().max().item() for k in final_eager)
+    difference = max((final_eager[k] - final_graph[k]).abs().max().item() for k in final_eager)
+    loss_difference = max(relative(g, e) for g, e in zip(graph_losses, eager_losses))
+    return {"passed": loss_difference <= LOSS_TOLERANCE and difference <= WEIGHT_TOLERANCE * change,
+            "max_relative_loss_difference": loss_difference, "loss_tolerance": LOSS_TOLERANCE,
+            "max_weight_difference": difference, "max_weight_change_in_training": change,
+            "weight_tolerance": f"{WEIGHT_TOLERANCE} x change", "eager_losses": eager_losses, "graph_losses": graph_losses}
+
+
+def replays_of_one_batch(accelerator, batches, dropout: float) -> list:
+    """Losses of replaying one batch at lr 0 (after warm-up and recording on the others)."""
+    setup = Setup(accelerator, True, dropout=dropout, schedule="constant")
+    setup.set_lr(0.0)
+    setup.train(batches[: GraphedStep.warmup + 1])
+    return setup.train([batches[-1]] * 2)
+
+
+def check_dropout(accelerator, batches) -> dict:
+    with_dropout, control = replays_of_one_batch(accelerator, batches, 0.5), replays_of_one_batch(accelerator, batches, 0.0)
+    return {"passed": with_dropout[0] != with_dropout[1] and relative(control[0], control[1]) <= 1e-6,
+            "dropout_0.5_replay_losses": with_dropout, "dropout_0_replay_losses": control}
+
+
+def check_dropout_mean(accelerator, batches) -> dict:
+    eager, graphed = Setup(accelerator, False, dropout=0.5).train(batches), Setup(accelerator, True, dropout=0.5).train(batches)
+    mean_eager, mean_graph = sum(eager) / len(eager), sum(graphed) / len(graphed)
+    difference = relative(mean_graph, mean_eager)
+    return {"passed": difference <= MEAN_LOSS_TOLERANCE, "eager_mean_loss": mean_eager, "graph_mean_loss": mean_graph,
+            "relative_difference": difference, "tolerance": MEAN_LOSS_TOLERANCE}
+
+
+def check_plateau(accelerator, batches) -> dict:
+    setup = Setup(accelerator, True, dropout=0.0, schedule="plateau", plateau_patience=0, momentum=0.0, nesterov=False,
+                  weight_decay=0.0, lr=0.01)
+    setup.train(batches[: GraphedStep.warmup + 1])
+
+    def update_size():
+        before = weights(setup.model)
+        setup.train([batches[-1]])
+        after = weights(setup.model)
+        return sum((after[k] - before[k]).norm().item() ** 2 for k in after) ** 0.5
+
+    size_before = update_size()
+    setup.scheduler.step(1.0)  # the first epoch's accuracy ...
+    setup.scheduler.step(0.5)  # ... not beaten within the patience: lr /= 10
+    lr_after = float(setup.optimizer.param_groups[0]["lr"])
+    size_after = update_size()
+    ratio = size_before / max(size_after, 1e-30)
+    low, high = PLATEAU_RATIO
+    recorded = setup.step.recorded_lr[0] is setup.optimizer.param_groups[0]["lr"]
+    return {"passed": low <= ratio <= high and recorded and abs(lr_after - 0.001) < 1e-9,
+            "lr_after_plateau": lr_after, "update_before": size_before, "update_after": size_after,
+            "ratio": ratio, "allowed_ratio": PLATEAU_RATIO, "recorded_lr_tensor_in_place": recorded}
+
+
+def check_ema(accelerator, batches) -> dict:
+    eager, graphed = Setup(accelerator, False, dropout=0.0, ema=0.9), Setup(accelerator, True, dropout=0.0, ema=0.9)
+    eager.train(batches)
+    graphed.train(batches)
+    moved = max((a - b.float()).abs().max().item() for a, b in zip(eager.average.average, eager.initial.values()))
+    difference = max((a - b).abs().max().item() for a, b in zip(eager.average.average, graphed.average.average))
+    return {"passed": moved > 0 and difference <= WEIGHT_TOLERANCE * moved, "max_average_difference": difference,
+            "max_average_change": moved, "tolerance": f"{WEIGHT_TOLERANCE} x change"}
 
 
 def main(steps: int = 12, json_path: str | None = None):
-    cfg = Config.from_flags({"logger": "none", "batch_size": 128, "warmup_epochs": 0.5, "num_epochs": 1})
-    accelerator = build_accelerator(cfg)
+    if not torch.cuda.is_available():
+        print("graph check: no GPU here, nothing to check")
+        sys.exit(3)
+    accelerator = build_accelerator(Config.from_flags({"logger": "none"}))
     generator = torch.Generator(device=accelerator.device).manual_seed(0)
-    batches = [(torch.randn(128, 3, 64, 64, device=accelerator.device, generator=generator).contiguous(memory_format=torch.channels_last),
-                torch.randint(10, (128,), device=accelerator.device, generator=generator)) for _ in range(steps)]
-    eager_losses, eager_weights, eager_change = train(cfg, accelerator, False, batches)
-    graph_losses, graph_weights, _ = train(cfg, accelerator, True, batches)
-    result = {
-        "device": torch.cuda.get_device_name(), "precision": accelerator.mixed_precision, "steps": steps,
-        "eager_losses": eager_losses, "graph_losses": graph_losses,
-        "max_loss_difference": max(abs(a - b) for a, b in zip(eager_losses, graph_losses)),
-        "max_weight_difference": max((eager_weights[k] - graph_weights[k]).abs().max().item() for k in eager_weights),
-        "max_weight_change_in_training": eager_change,
-    }
-    print(json.dumps({k: v for k, v in result.items() if "losses" not in k}))
-    print("eager losses:", " ".join(f"{x:.4f}" for x in eager_losses))
-    print("graph losses:", " ".join(f"{x:.4f}" for x in graph_losses))
+    batches = [(torch.randn(BATCH, 3, 64, 64, device=accelerator.device, generator=generator).contiguous(
+        memory_format=torch.channels_last), torch.randint(10, (BATCH,), device=accelerator.device, generator=generator))
+        for _ in range(steps)]
+    checks = {"exact": lambda: check_exact(accelerator, batches), "dropout": lambda: check_dropout(accelerator, batches),
+              "dropout_mean": lambda: check_dropout_mean(accelerator, batches),
+              "plateau": lambda: check_plateau(accelerator, batches), "ema": lambda: check_ema(accelerator, batches),
+              "compile": lambda: check_exact(accelerator, batches, compile=True)}
+    results = {"device": torch.cuda.get_device_name(), "precision": accelerator.mixed_precision, "steps": steps}
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except Exception as error:  # one broken check must not hide the others' results
+            results[name] = {"passed": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        shown = {k: v for k, v in results[name].items() if not k.endswith("losses") or k.startswith("dropout")}
+        print(f"{name}: {'PASS' if results[name]['passed'] else 'FAIL'} {json.dumps(shown)}", flush=True)
+    failed = [name for name in checks if not results[name]["passed"]]
+    results["failed"] = failed
     if json_path:
         with open(json_path, "w") as handle:
-            json.dump(result, handle, indent=2)
+            json.dump(results, handle, indent=2)
+    print(f"graph check: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

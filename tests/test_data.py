@@ -222,11 +222,13 @@ def test_translation_mirrors_the_borders():
 
 def test_cutout_blanks_one_square_to_the_mean():
     images = torch.full((3, 3, 20, 20), 200, dtype=torch.uint8)
-    for side in (6, 5):
-        augmentation = Augmentation((16, 16), (0.5,) * 3, (0.5,) * 3, CPU, cutout=side)
+    for side, channels_last in ((6, True), (5, False)):
+        augmentation = Augmentation((16, 16), (0.5,) * 3, (0.5,) * 3, CPU, cutout=side, channels_last=channels_last)
         plan = draw_plan(3, (20, 20), (16, 16), False, 0, 0)
         plan.cut_y, plan.cut_x = torch.tensor([8, 0, 15]), torch.tensor([7, 9, 15])  # inside, top edge, corner
-        blank = augmentation.train(images, plan)[:, 0] == 0  # 0 is the mean colour after normalising
+        out = augmentation.train(images, plan)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last  # the GPU's layout survives
+        blank = out[:, 0] == 0  # 0 is the mean colour after normalising
         rows, cols = blank.any(dim=2), blank.any(dim=1)
         # rows [c - side // 2, c - side // 2 + side) of 0..15: clipped at the top (c = 0) and bottom (c = 15)
         assert rows.sum(dim=1).tolist() == [side, side - side // 2, 1 + side // 2]

@@ -71,3 +71,24 @@ def test_console_script_takes_the_same_flags(tmp_path):
         pytest.skip("package not installed with pip install -e .")
     result = __import__("subprocess").run([str(script), "--batch_size", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--batch_size must be at least 1" in result.stderr
+
+
+def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan(tmp_path):
+    """Two processes: the halves of a global batch get different dropout masks, and the images are
+    those a single process sees in its first step, split in two."""
+    probe = ROOT / "tests" / "rank_probe.py"
+    flags = QUICK + ["--mixed_precision", "no", "--save", "model.pth"]
+    records = {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        result = run_cli([folder, *flags], cwd=folder, script=probe, processes=processes)
+        assert result.returncode == 0, result.stderr
+        records[processes] = [torch.load(folder / f"probe{rank}.pt") for rank in range(processes)]
+    rank0, rank1 = records[2]
+    assert len(rank0["masks"]) == 2 and rank0["masks"][0].shape == (16, 256 * 36)
+    for first, second in zip(rank0["masks"], rank1["masks"]):
+        assert not torch.equal(first, second)
+        assert 0.4 < first.float().mean() < 0.6  # still dropout 0.5
+    single = records[1][0]["inputs"][0]
+    assert torch.equal(torch.cat([rank0["inputs"][0], rank1["inputs"][0]]), single)
