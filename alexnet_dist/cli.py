@@ -6,10 +6,7 @@
     alexnet-dist-train --help                                 # every flag with its meaning
 """
 
-import contextlib
 import dataclasses
-import inspect
-import io
 import os
 import sys
 
@@ -18,7 +15,7 @@ import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import load_weights, read_weights
-from .config import DEFAULTS, Config, UsageError, load_recipe
+from .config import FIELDS, Config, UsageError, help_text, load_recipe
 from .data import load_data, pixel_sample
 from .engine import evaluate, use_cuda_graphs
 from .loaders import make_loader, streams
@@ -30,50 +27,25 @@ from .training import print_accuracy, train
 from .transforms import Augmentation, colour_pca
 
 
-class Unset:
-    """Default of a flag not given on the command line; shows the real default in --help."""
-
-    def __init__(self, default):
-        self.default = default
-
-    def __repr__(self):
-        return repr(self.default)
-
-
-def _flag_signature(collected: dict):
-    def train(**flags):
-        collected.update({name: value for name, value in flags.items() if not isinstance(value, Unset)})
-
-    help_lines = Config().help_lines()
-    train.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=Unset(default)) for name, default in DEFAULTS.items()]
-    )
-    train.__doc__ = "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.\n\nArgs:\n" + "\n".join(
-        f"    {line}" for line in help_lines
-    )
-    return train
-
-
 def parse_flags(argv: list) -> Config:
-    """Flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`) -> a validated Config."""
-    collected = {}
-    command = _flag_signature(collected)
+    """Flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`, `--noflip`) -> a validated Config."""
     if "--help" in argv or "-h" in argv:
-        fire.Fire(command, command=argv, name="train.py")
-    errors = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(errors):
-            fire.Fire(command, command=argv, name="train.py")
-    except fire.core.FireExit:
-        first = next((line for line in errors.getvalue().splitlines() if line.startswith("ERROR:")), "ERROR: bad flags")
-        message = first.removeprefix("ERROR:").strip()
-        if message.startswith("Could not consume arg:"):
-            argument = message.split(":", 1)[1].strip()
-            kind = "unknown flag" if argument.startswith("-") else "unexpected argument"
-            message = f"{kind} {argument} (flags look like --name value; run with --help for the list)"
-        raise UsageError(message) from None
-    recipe = load_recipe(collected["recipe"]) if collected.get("recipe") else None
-    return Config.from_flags(collected, base=recipe)
+        print(help_text(), end="")
+        sys.exit(0)
+    given = {}
+
+    def train(*arguments, **flags):
+        if arguments:
+            raise UsageError(f"unexpected argument {arguments[0]} (flags look like --name value; run with --help for the list)")
+        given.update(flags)
+
+    fire.Fire(train, command=argv, name="train.py")
+    for name in list(given):  # Fire reads a bare --noflip as noflip=True
+        if name.startswith("no") and name[2:] in FIELDS and given[name] is True:
+            given[name[2:]] = False
+            del given[name]
+    recipe = load_recipe(given["recipe"]) if given.get("recipe") else None
+    return Config.from_flags(given, base=recipe)
 
 
 def _colour_basis(cfg, data):

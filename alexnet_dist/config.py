@@ -1,15 +1,17 @@
-"""Every flag of alexnet-dist: its default, its one-line meaning and its validation.
+"""Every flag of alexnet-dist, described once: default, one-line meaning, check, and whether it
+changes what is learned.
 
 `Config` is the single source of truth: the CLI builds it from the command line (over a recipe
-file, if one is named), the tracker and every checkpoint store `Config.to_dict()`.
-Bad values raise `UsageError` with a one-line message that names the flag and what is allowed.
+file, if one is named); `--help`, the README's flag table, the checks and the set of flags that a
+resumed run must keep are all read off its fields. The tracker and every checkpoint store
+`Config.to_dict()`. Bad values raise `UsageError` with one line naming the flag and what is allowed.
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .model import MIN_INPUT
 
@@ -18,155 +20,7 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with status 2."""
 
 
-def flag(default: Any, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class Config:
-    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given on the command line win")
-    # the seed's flags, same names and defaults
-    load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False")
-    save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)")
-    train: bool = flag(True, "False: only evaluate the weights of load_model_path on the test split")
-    resize: tuple = flag((70, 70), "resize images to this H,W before cropping (one number: a square)")
-    random_crop: tuple = flag((64, 64), "crop fed to the network: random in training, centre in evaluation (>= 63)")
-    mean: tuple = flag((0.5, 0.5, 0.5), "per-channel mean subtracted after scaling pixels to [0, 1]")
-    std: tuple = flag((0.5, 0.5, 0.5), "per-channel standard deviation divided by after the mean")
-    batch_size: int = flag(256, "global images per optimizer step, whatever the number of processes")
-    val_size: float = flag(0.1, "fraction of the training images held out for validation, in [0, 1)")
-    num_epochs: int = flag(25, "passes over the training split")
-    device: str = flag("auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda")
-    log_freq: int = flag(50, "optimizer steps between logged training losses")
-    logger: str = flag("wandb", "tracker: wandb, tensorboard or none")
-    fraction_of_data: float = flag(1.0, "fraction of the training split used, drawn without replacement, in (0, 1]")
-    # optimisation
-    lr: float = flag(0.05, "peak learning rate of SGD")
-    momentum: float = flag(0.9, "SGD momentum (the paper's 0.9)")
-    weight_decay: float = flag(5e-4, "L2 weight decay (the paper's 5e-4)")
-    nesterov: bool = flag(True, "Nesterov momentum")
-    schedule: str = flag("warmup_linear", "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant")
-    warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules")
-    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy (training accuracy if val_size is 0) before lr /= 10")
-    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)")
-    ema: float = flag(0.0, "decay of an exponential moving average of the weights, evaluated alongside (0: off)")
-    dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)")
-    seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation")
-    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)")
-    mixed_precision: str = flag("auto", "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16")
-    # data
-    dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake")
-    data_dir: str = flag("data", "where the data set lives")
-    cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)")
-    flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)")
-    translate: int = flag(0, "extra random shift in pixels beyond the resize-crop margin, borders mirrored")
-    pca_color: float = flag(0.0, "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)")
-    cutout: int = flag(0, "side of a random square set to the mean colour in each training crop (0: off)")
-    tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)")
-    loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)")
-    num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)")
-    # checkpoints
-    resume: str | None = flag(None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path")
-    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: at epoch ends only)")
-    keep_checkpoints: int = flag(3, "checkpoints kept besides the best one by validation accuracy")
-    allow_config_change: bool = flag(False, "resume even when the flags change what is learned (data, batch, recipe)")
-    skip_nonfinite: bool = flag(False, "skip optimizer steps whose loss is not finite instead of stopping the run")
-    # predictions
-    predict: tuple = flag((), "image files or folders to classify with load_model_path (instead of training)")
-    top_k: int = flag(3, "predict: how many classes to list per image")
-    predict_json: str | None = flag(None, "predict: also write the predictions to this JSON file")
-    # model
-    groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network")
-    compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune")
-    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation, not fp16), true, false")
-    init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)")
-    # tracking and outputs
-    project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)")
-    run_name: str | None = flag(None, "name of the run (default: the run directory's name)")
-    tags: tuple = flag((), "W&B tags, e.g. --tags baseline,bf16")
-    run_dir: str | None = flag(None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_flags(cls, flags: dict, base: dict | None = None) -> "Config":
-        """Defaults, overridden by `base` (a recipe), overridden by `flags`; validated."""
-        values = {}
-        for source in (base or {}, flags):
-            unknown = sorted(set(source) - set(FIELD_NAMES))
-            if unknown:
-                raise UsageError(f"unknown flag --{unknown[0]} (run with --help for the list of flags)")
-            values.update(source)
-        checked = {name: CHECKS[name](name, value) for name, value in values.items()}
-        config = cls(**checked)
-        config.check_combinations()
-        return config
-
-    def check_combinations(self):
-        for axis in range(2):
-            if self.random_crop[axis] > self.resize[axis]:
-                raise UsageError(
-                    f"--random_crop {_size(self.random_crop)} is larger than --resize {_size(self.resize)}: "
-                    "the crop must fit inside the resized image"
-                )
-        if self.train and self.num_epochs < 1:
-            raise UsageError(f"--num_epochs must be at least 1 when training, got {self.num_epochs}")
-        if self.translate >= min(self.resize):
-            raise UsageError(f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}")
-        if self.cutout > min(self.random_crop):
-            raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
-        try:
-            self.save.format(time="x")
-        except (KeyError, IndexError, ValueError):
-            raise UsageError(f"--save {self.save!r}: the only placeholder allowed is {{time}}") from None
-        if self.nesterov and self.momentum == 0:
-            raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
-        if self.predict and self.load_model_path is None:
-            raise UsageError("--predict classifies images with saved weights: give them with --load_model_path")
-        if not self.train and self.load_model_path is None:
-            raise UsageError("--train=False evaluates saved weights: give them with --load_model_path")
-
-    def help_lines(self) -> list[str]:
-        return [f"{f.name}: {f.metadata['help']}" for f in dataclasses.fields(self)]
-
-
-def load_recipe(path) -> dict:
-    """Flag values from a recipe file (YAML mapping of flag names to values)."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise UsageError(f"--recipe {path} cannot be read ({error.strerror})") from None
-    except yaml.YAMLError:
-        raise UsageError(f"--recipe {path} is not valid YAML") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--recipe {path} must map flag names to values")
-    unknown = sorted(set(values) - set(FIELD_NAMES) - {"recipe"})
-    if unknown:
-        raise UsageError(f"--recipe {path} sets an unknown flag: {unknown[0]}")
-    return {**values, "recipe": str(path)}
-
-
-FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]
-# flags that change what a run learns: a resumed run must keep them (or pass --allow_config_change)
-WHAT_IS_LEARNED = (
-    "dataset", "data_dir", "val_size", "fraction_of_data", "seed", "resize", "random_crop", "mean", "std",
-    "batch_size", "groups", "dropout", "lr", "momentum", "weight_decay", "nesterov", "schedule", "warmup_epochs",
-    "plateau_patience", "label_smoothing", "flip", "translate", "pca_color", "cutout", "ema",
-)
-
-
-def learning_changes(saved: dict, cfg: Config) -> list:
-    """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration."""
-    plain = lambda value: list(value) if isinstance(value, (list, tuple)) else value
-    names = list(WHAT_IS_LEARNED)
-    if cfg.schedule.startswith("warmup"):
-        names.append("num_epochs")  # these schedules decay towards the last epoch
-    return [f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
-            for name in names if name in saved and plain(saved[name]) != plain(getattr(cfg, name))]
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+# ---------------------------------------------------------------- checks: (flag name, raw value) -> value
 
 
 def _size(pair) -> str:
@@ -210,11 +64,16 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return lambda name, value: _number(name, value, kind, low, high, low_open, high_open)
 
 
-def choice(*allowed):
+def optional_number(kind, low=None):
+    return lambda name, value: None if value is None else _number(name, value, kind, low)
+
+
+def choice(*allowed, lower=False):
     def check(name, value):
-        if str(value) not in allowed:
+        text = str(value).lower() if lower else str(value)
+        if text not in allowed:
             raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
-        return str(value)
+        return text
     return check
 
 
@@ -259,61 +118,190 @@ def _text(name, value):
     return value
 
 
-CHECKS = {
-    "load_model_path": _optional_path,
-    "save": _text,
-    "train": _bool,
-    "resize": _pair,
-    "random_crop": _pair,
-    "mean": _triple,
-    "std": _triple,
-    "batch_size": number(int, low=1),
-    "val_size": number(float, low=0.0, high=1.0, high_open=True),
-    "num_epochs": number(int, low=0),
-    "device": choice("auto", "cpu", "cuda"),
-    "log_freq": number(int, low=1),
-    "logger": choice("wandb", "tensorboard", "none"),
-    "fraction_of_data": number(float, low=0.0, high=1.0, low_open=True),
-    "lr": number(float, low=0.0, low_open=True),
-    "momentum": number(float, low=0.0, high=1.0, high_open=True),
-    "weight_decay": number(float, low=0.0),
-    "nesterov": _bool,
-    "schedule": choice("warmup_linear", "warmup_cosine", "plateau", "constant"),
-    "warmup_epochs": number(float, low=0.0),
-    "plateau_patience": number(int, low=0),
-    "label_smoothing": number(float, low=0.0, high=1.0, high_open=True),
-    "dropout": number(float, low=0.0, high=1.0, high_open=True),
-    "seed": number(int, low=0, high=2**32 - 1),
-    "grad_accum_steps": number(int, low=1),
-    "mixed_precision": choice("auto", "no", "fp16", "bf16"),
-    "dataset": choice("cifar10", "folder", "fake"),
-    "data_dir": _text,
-    "cache_dir": _optional_path,
-    "flip": _bool,
-    "translate": number(int, low=0),
-    "pca_color": number(float, low=0.0),
-    "cutout": number(int, low=0),
-    "tta": choice("none", "flip", "ten"),
-    "ema": number(float, low=0.0, high=1.0, high_open=True),
-    "recipe": _optional_path,
-    "loader": choice("auto", "device", "stream"),
-    "num_workers": lambda name, value: None if value is None else _number(name, value, int, low=0),
-    "groups": lambda name, value: int(choice("1", "2")(name, value)),
-    "init": choice("pytorch", "paper", "kaiming"),
-    "predict": lambda name, value: tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value])
-                                         if str(item)) if value not in (None, "") else (),
-    "top_k": number(int, low=1),
-    "resume": _optional_path,
-    "checkpoint_steps": number(int, low=0),
-    "keep_checkpoints": number(int, low=1),
-    "allow_config_change": _bool,
-    "skip_nonfinite": _bool,
-    "predict_json": _optional_path,
-    "compile": lambda name, value: choice("false", "true", "max-autotune")(name, str(value).lower()),
-    "cuda_graphs": lambda name, value: choice("auto", "true", "false")(name, str(value).lower()),
-    "project": _text,
-    "run_name": _optional_path,
-    "tags": lambda name, value: tuple(str(item).strip() for item in _items(value) if str(item).strip()),
-    "run_dir": _optional_path,
-}
-assert set(CHECKS) == set(FIELD_NAMES), set(CHECKS) ^ set(FIELD_NAMES)
+def _texts(name, value):
+    if value in (None, ""):
+        return ()
+    return tuple(str(item).strip() for item in _items(value) if str(item).strip())
+
+
+def _paths(name, value):
+    if value in (None, ""):
+        return ()
+    return tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value]) if str(item))
+
+
+def flag(default: Any, help: str, check: Callable, learned: bool = False):
+    """A field of Config: `learned` flags change what a run learns, so a resumed run must keep them."""
+    return field(default=default, metadata={"help": help, "check": check, "learned": learned})
+
+
+# ---------------------------------------------------------------- the flags
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given on the command line win", _optional_path)
+    # the seed's flags, same names and defaults
+    load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False", _optional_path)
+    save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)", _text)
+    train: bool = flag(True, "False: only evaluate the weights of load_model_path on the test split", _bool)
+    resize: tuple = flag((70, 70), "resize images to this H,W before cropping (one number: a square)", _pair, learned=True)
+    random_crop: tuple = flag((64, 64), "crop fed to the network: random in training, centre in evaluation (>= 63)", _pair, learned=True)
+    mean: tuple = flag((0.5, 0.5, 0.5), "per-channel mean subtracted after scaling pixels to [0, 1]", _triple, learned=True)
+    std: tuple = flag((0.5, 0.5, 0.5), "per-channel standard deviation divided by after the mean", _triple, learned=True)
+    batch_size: int = flag(256, "global images per optimizer step, whatever the number of processes", number(int, low=1), learned=True)
+    val_size: float = flag(0.1, "fraction of the training images held out for validation, in [0, 1)",
+                           number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    num_epochs: int = flag(25, "passes over the training split", number(int, low=0))
+    device: str = flag("auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda", choice("auto", "cpu", "cuda"))
+    log_freq: int = flag(50, "optimizer steps between logged training losses", number(int, low=1))
+    logger: str = flag("wandb", "tracker: wandb, tensorboard or none", choice("wandb", "tensorboard", "none"))
+    fraction_of_data: float = flag(1.0, "fraction of the training split used, drawn without replacement, in (0, 1]",
+                                   number(float, low=0.0, high=1.0, low_open=True), learned=True)
+    # optimisation
+    lr: float = flag(0.05, "peak learning rate of SGD", number(float, low=0.0, low_open=True), learned=True)
+    momentum: float = flag(0.9, "SGD momentum (the paper's 0.9)", number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    weight_decay: float = flag(5e-4, "L2 weight decay (the paper's 5e-4)", number(float, low=0.0), learned=True)
+    nesterov: bool = flag(True, "Nesterov momentum", _bool, learned=True)
+    schedule: str = flag("warmup_linear", "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant",
+                         choice("warmup_linear", "warmup_cosine", "plateau", "constant"), learned=True)
+    warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules", number(float, low=0.0), learned=True)
+    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy (training accuracy if val_size is 0) before lr /= 10",
+                                 number(int, low=0), learned=True)
+    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)",
+                                  number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    ema: float = flag(0.0, "decay of an exponential moving average of the weights, evaluated alongside (0: off)",
+                      number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)",
+                          number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation",
+                     number(int, low=0, high=2**32 - 1), learned=True)
+    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)", number(int, low=1))
+    mixed_precision: str = flag("auto", "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16",
+                                choice("auto", "no", "fp16", "bf16"))
+    # data
+    dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake",
+                        choice("cifar10", "folder", "fake"), learned=True)
+    data_dir: str = flag("data", "where the data set lives", _text, learned=True)
+    cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)", _optional_path)
+    flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)", _bool, learned=True)
+    translate: int = flag(0, "extra random shift in pixels beyond the resize-crop margin, borders mirrored", number(int, low=0), learned=True)
+    pca_color: float = flag(0.0, "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)", number(float, low=0.0), learned=True)
+    cutout: int = flag(0, "side of a random square set to the mean colour in each training crop (0: off)", number(int, low=0), learned=True)
+    tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)", choice("none", "flip", "ten"))
+    loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)",
+                       choice("auto", "device", "stream"))
+    num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)",
+                                   optional_number(int, low=0))
+    # checkpoints
+    resume: str | None = flag(None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path", _optional_path)
+    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: at epoch ends only)", number(int, low=0))
+    keep_checkpoints: int = flag(3, "checkpoints kept besides the best one by validation accuracy", number(int, low=1))
+    allow_config_change: bool = flag(False, "resume even when the flags change what is learned (data, batch, recipe)", _bool)
+    skip_nonfinite: bool = flag(False, "skip optimizer steps whose loss is not finite instead of stopping the run", _bool)
+    # predictions
+    predict: tuple = flag((), "image files or folders to classify with load_model_path (instead of training)", _paths)
+    top_k: int = flag(3, "predict: how many classes to list per image", number(int, low=1))
+    predict_json: str | None = flag(None, "predict: also write the predictions to this JSON file", _optional_path)
+    # model
+    groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network",
+                       lambda name, value: int(choice("1", "2")(name, value)), learned=True)
+    compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune",
+                        choice("false", "true", "max-autotune", lower=True))
+    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation, not fp16, "
+                            "not streamed), true, false", choice("auto", "true", "false", lower=True))
+    init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)",
+                     choice("pytorch", "paper", "kaiming"))
+    # tracking and outputs
+    project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)", _text)
+    run_name: str | None = flag(None, "name of the run (default: the run directory's name)", _optional_path)
+    tags: tuple = flag((), "W&B tags, e.g. --tags baseline,bf16", _texts)
+    run_dir: str | None = flag(None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist", _optional_path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_flags(cls, flags: dict, base: dict | None = None) -> "Config":
+        """Defaults, overridden by `base` (a recipe), overridden by `flags`; validated."""
+        values = {}
+        for source in (base or {}, flags):
+            unknown = sorted(set(source) - set(FIELDS))
+            if unknown:
+                raise UsageError(f"unknown flag --{unknown[0]} (run with --help for the list of flags)")
+            values.update(source)
+        config = cls(**{name: FIELDS[name].metadata["check"](name, value) for name, value in values.items()})
+        config.check_combinations()
+        return config
+
+    def check_combinations(self):
+        for axis in range(2):
+            if self.random_crop[axis] > self.resize[axis]:
+                raise UsageError(
+                    f"--random_crop {_size(self.random_crop)} is larger than --resize {_size(self.resize)}: "
+                    "the crop must fit inside the resized image"
+                )
+        if self.train and self.num_epochs < 1:
+            raise UsageError(f"--num_epochs must be at least 1 when training, got {self.num_epochs}")
+        if self.translate >= min(self.resize):
+            raise UsageError(f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}")
+        if self.cutout > min(self.random_crop):
+            raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
+        try:
+            self.save.format(time="x")
+        except (KeyError, IndexError, ValueError):
+            raise UsageError(f"--save {self.save!r}: the only placeholder allowed is {{time}}") from None
+        if self.nesterov and self.momentum == 0:
+            raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")
+        if self.predict and self.load_model_path is None:
+            raise UsageError("--predict classifies images with saved weights: give them with --load_model_path")
+        if not self.train and self.load_model_path is None:
+            raise UsageError("--train=False evaluates saved weights: give them with --load_model_path")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+DEFAULTS = {name: f.default for name, f in FIELDS.items()}
+# flags that change what a run learns: a resumed run must keep them (or pass --allow_config_change)
+WHAT_IS_LEARNED = tuple(name for name, f in FIELDS.items() if f.metadata["learned"])
+
+
+def help_text() -> str:
+    """--help: every flag with its default and meaning, what is learned first."""
+    def line(name):
+        default = DEFAULTS[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) and default else default
+        return f"  --{name} (default {shown}): {FIELDS[name].metadata['help']}"
+
+    how = [name for name in FIELDS if name not in WHAT_IS_LEARNED]
+    return "\n".join(["Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.",
+                      "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)", "",
+                      "What is learned (a resumed run keeps these):", *map(line, WHAT_IS_LEARNED), "",
+                      "How the run executes, evaluates and reports:", *map(line, how)]) + "\n"
+
+
+def load_recipe(path) -> dict:
+    """Flag values from a recipe file (YAML mapping of flag names to values)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"--recipe {path} cannot be read ({error.strerror})") from None
+    except yaml.YAMLError:
+        raise UsageError(f"--recipe {path} is not valid YAML") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--recipe {path} must map flag names to values")
+    unknown = sorted(set(values) - set(FIELDS) - {"recipe"})
+    if unknown:
+        raise UsageError(f"--recipe {path} sets an unknown flag: {unknown[0]}")
+    return {**values, "recipe": str(path)}
+
+
+def learning_changes(saved: dict, cfg: Config) -> list:
+    """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration."""
+    plain = lambda value: list(value) if isinstance(value, (list, tuple)) else value
+    names = list(WHAT_IS_LEARNED)
+    if cfg.schedule.startswith("warmup"):
+        names.append("num_epochs")  # these schedules decay towards the last epoch
+    return [f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
+            for name in names if name in saved and plain(saved[name]) != plain(getattr(cfg, name))]

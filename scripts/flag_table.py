@@ -12,18 +12,19 @@ from alexnet_dist.config import Config
 
 
 def flag_table() -> str:
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    rows = ["| flag | default | learned | meaning |", "|---|---|---|---|"]
     for field in dataclasses.fields(Config):
         default = field.default
         if isinstance(default, tuple):
             default = ",".join(map(str, default)) if default else "()"
-        rows.append(f"| `{field.name}` | `{default}` | {field.metadata['help']} |")
+        learned = "yes" if field.metadata["learned"] else ""
+        rows.append(f"| `{field.name}` | `{default}` | {learned} | {field.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 
 def write(readme: Path):
     text = readme.read_text()
-    start = text.index("| flag | default | meaning |")
+    start = text.index("| flag | default |")
     end = text.index("\n\n", start) + 1
     readme.write_text(text[:start] + flag_table() + text[end:])
 

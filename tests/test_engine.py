@@ -67,10 +67,19 @@ def test_recipes_load_and_flags_win(tmp_path):
         parse_flags(["--recipe", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.parametrize("name", ["seed", "paper", "default"])
-def test_shipped_recipes_load(name):
+SHIPPED_RECIPES = {
+    "paper": {"groups": 2, "init": "paper", "tta": "ten", "schedule": "plateau", "pca_color": 0.1, "lr": 0.01,
+              "nesterov": False, "label_smoothing": 0.0, "dropout": 0.5},
+    "seed": {"groups": 1, "init": "pytorch", "tta": "none", "schedule": "plateau", "plateau_patience": 10, "lr": 0.1,
+             "weight_decay": 0.0, "flip": False, "mixed_precision": "no", "label_smoothing": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_RECIPES))
+def test_shipped_recipes_set_what_they_say(name):
     from conftest import ROOT
 
     path = ROOT / "configs" / "recipes" / f"{name}.yaml"
     cfg = parse_flags(["--recipe", str(path)])
-    assert cfg.recipe == str(path)
+    assert {key: getattr(cfg, key) for key in SHIPPED_RECIPES[name]} == SHIPPED_RECIPES[name]
+    assert parse_flags(["--recipe", str(path), "--lr", "0.3"]).lr == 0.3  # a flag still wins over the recipe
