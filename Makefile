@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet $(TORCH) -e ".[wandb,tensorboard,test]"
+	$(VENV)/bin/python -m pip install --quiet $(TORCH) -e ".[tensorboard,test]"
 	touch $@
 
 train: setup

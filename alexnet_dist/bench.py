@@ -6,13 +6,18 @@
 All three train the same AlexNet at the same batch size on the same device, in one run:
   (a) seed:    PIL Resize(70) + RandomCrop(64) + ToTensor + Normalize in a DataLoader with
                `seed_workers` workers (the seed's 0), fp32, the pooled classifier, plain SGD;
-  (b) default: this project's training epoch (Trainer.train_epoch) over uint8 images held on the
+  (b) default: this project's training epoch (Trainer.steps) over uint8 images held on the
                device, augmentation and bookkeeping included, with the training defaults;
   (c) ceiling: the same step as (b) on one random batch already on the device: no data work.
-Each figure is the median images/s over `windows` timed windows of `steps` optimizer steps, after
-warm-up. The 25-epoch time is extrapolated from (b) for 45,000 training images.
+After warm-up, the timed windows of `steps` optimizer steps take turns (a, b, c, a, b, c, ...) so
+that a machine whose speed drifts slows all three alike. Each figure is the median images/s with
+the min-max over the windows; each ratio is taken window by window (b_i / a_i), with its median
+and min-max, and called inconclusive when that range reaches across 1. The 25-epoch time is
+extrapolated from (b) for CIFAR-10's training split under the flags (45,000 images by default). The time breakdown at the end is the process's
+(training = the (b) windows and warm-up; the (a) and (c) windows are "other").
 """
 
+import contextlib
 import json
 import statistics
 import sys
@@ -26,16 +31,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from .clock import clock
 from .config import Config, UsageError, load_recipe
 from .data import ImageSet
-from .engine import Trainer, build_optimizer, build_scheduler, use_cuda_graphs
-from .loaders import make_loader
+from .files import write_text
+from .loaders import streams
 from .model import alexnet
-from .runtime import build_accelerator, micro_batch_size
-from .training import device_name
-from .transforms import Augmentation, colour_pca
+from .runtime import build_accelerator, device_name, micro_batch_size
+from .step import use_cuda_graphs
+from .training import build_trainer
 
-CIFAR_TRAIN_IMAGES = 45_000
+CIFAR_IMAGES = 50_000  # CIFAR-10's training images, before the validation split
 
 
 def synchronize(device):
@@ -43,15 +49,17 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_rate(run_window, windows: int, images_per_window: int, device) -> float:
-    rates = []
-    for _ in range(windows):
-        synchronize(device)
-        started = time.perf_counter()
-        run_window()
-        synchronize(device)
-        rates.append(images_per_window / (time.perf_counter() - started))
-    return statistics.median(rates)
+def timed(window, images: int, device) -> float:
+    """images/s of one call of `window` (which trains `images` images)."""
+    synchronize(device)
+    started = time.perf_counter()
+    window()
+    synchronize(device)
+    return images / (time.perf_counter() - started)
+
+
+def spread(values: list) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 class SeedCifar(Dataset):
@@ -67,9 +75,8 @@ class SeedCifar(Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
-def seed_pipeline(device, batch_size: int, steps: int, windows: int, warmup: int, workers: int) -> float:
-    torch.backends.cudnn.benchmark = False  # the seed ran with PyTorch's defaults
-    torch.backends.cuda.matmul.allow_tf32 = False
+def seed_pipeline(device, batch_size: int, steps: int, windows: int, warmup: int, workers: int):
+    """(a): a function that trains `steps` steps as the seed did, warmed up already."""
     generator = np.random.default_rng(0)
     count = batch_size * (warmup + steps * windows)
     images = generator.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
@@ -84,6 +91,8 @@ def seed_pipeline(device, batch_size: int, steps: int, windows: int, warmup: int
     batches = iter(loader)
 
     def seed_step():
+        torch.backends.cudnn.benchmark = False  # the seed ran with PyTorch's defaults
+        torch.backends.cuda.matmul.allow_tf32 = False
         inputs, targets = next(batches)
         inputs, targets = inputs.to(device), targets.to(device)
         features = torch.flatten(model.avgpool(model.features(inputs)), 1)  # the seed's pooled classifier
@@ -94,40 +103,41 @@ def seed_pipeline(device, batch_size: int, steps: int, windows: int, warmup: int
 
     for _ in range(warmup):
         seed_step()
-    return median_rate(lambda: [seed_step() for _ in range(steps)], windows, steps * batch_size, device)
+    return lambda: [seed_step() for _ in range(steps)]
 
 
-def project_pipeline(cfg: Config, steps: int, windows: int) -> dict:
-    """(b) and (c) with the training code itself; returns both rates and what was used."""
+def project_pipeline(cfg: Config, steps: int) -> dict:
+    """(b) and (c) with the training code itself, warmed up: their window functions and what they use."""
     accelerator = build_accelerator(cfg)
     device = accelerator.device
     generator = torch.Generator().manual_seed(0)
     count = steps * cfg.batch_size
     imageset = ImageSet(torch.randint(10, (count,), generator=generator),
                         torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator))
-    augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, device, cutout=cfg.cutout,
-                                colour_basis=colour_pca(imageset.images) if cfg.pca_color else None,
-                                channels_last=device.type == "cuda")
     micro_batch = micro_batch_size(cfg.batch_size, 1, cfg.grad_accum_steps)
-    loader = make_loader(imageset, augmentation, device, cfg, micro_batch, 0, 1)
-    graphs = use_cuda_graphs(cfg, accelerator, streaming=loader.streams)
-    model = alexnet(groups=cfg.groups, init=cfg.init, dropout=cfg.dropout)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg, device, lr_on_device=graphs)
-    scheduler = build_scheduler(optimizer, cfg, loader.steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loader, log=lambda values, step: None, graphs=graphs)
+    graphs = use_cuda_graphs(cfg, accelerator, streaming=streams(imageset, cfg))
+    trainer = build_trainer(cfg, accelerator, imageset, 10, micro_batch, graphs)
+    epochs = iter(range(10**9))
 
-    trainer.train_epoch(0)  # warm-up: compilation, graph recording, cuDNN's choice of algorithms
-    default_rates = [trainer.train_epoch(epoch)["images_per_second"] for epoch in range(1, 1 + windows)]
+    def default_window():  # one epoch of `steps` optimizer steps
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+        for _ in trainer.steps(next(epochs)):
+            pass
 
     images = torch.randn(micro_batch, 3, *cfg.random_crop, device=device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(10, (micro_batch,), device=device)
-    ceiling = median_rate(lambda: [trainer.step(images, labels) for _ in range(steps)], windows, steps * micro_batch, device)
-    return {"default": statistics.median(default_rates), "ceiling": ceiling, "graphs": graphs,
+
+    def ceiling_window():
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+        for _ in range(steps):
+            trainer.step(images, labels)
+
+    with clock.part("first_steps"):  # compilation, graph recording, cuDNN's choice of algorithms
+        default_window()
+        ceiling_window()
+    return {"default": default_window, "ceiling": ceiling_window, "graphs": graphs,
             "precision": accelerator.mixed_precision, "device": device}
 
 
@@ -135,39 +145,58 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
     """Print images/s of (a) the seed's pipeline, (b) this project's default step, (c) the ceiling.
 
     Args:
-        steps: optimizer steps per timed window (default: 50 on a GPU, 3 on a CPU).
-        windows: timed windows; each figure is their median.
+        steps: optimizer steps per timed window (default: 50 on a GPU, 8 on a CPU).
+        windows: timed windows of each pipeline, taken in turns; each figure is their median.
         seed_workers: DataLoader workers of the seed's pipeline (the seed used 0).
         json_path: also write the figures to this JSON file.
         flags: training flags for (b) and (c), e.g. --batch_size 256 --compile true --recipe R.yaml.
     """
     recipe = load_recipe(flags["recipe"]) if flags.get("recipe") else None
-    cfg = Config.from_flags({**flags, "logger": "none", "num_epochs": 1 + windows, "dataset": "fake"}, base=recipe)
-    batch_size, compile = cfg.batch_size, cfg.compile
+    cfg = Config.from_flags({**flags, "logger": "none", "dataset": "fake", "num_epochs": windows + 2}, base=recipe)
+    train_images = round(cfg.fraction_of_data * (CIFAR_IMAGES - round(cfg.val_size * CIFAR_IMAGES)))
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
-    steps = steps or (50 if on_gpu else 3)
-    torch_device = torch.device("cuda" if on_gpu else "cpu")
-    seed = seed_pipeline(torch_device, batch_size, steps, windows, warmup=2, workers=seed_workers)
-    project = project_pipeline(cfg, steps, windows)
-    name = device_name(torch_device)
+    steps = steps or (50 if on_gpu else 8)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        clock.synchronize = torch.cuda.synchronize
+    with clock.part("data"):
+        seed_window = seed_pipeline(device, cfg.batch_size, steps, windows, warmup=2, workers=seed_workers)
+    project = project_pipeline(cfg, steps)
+    clock.begin("other")
+    pipelines = {"seed": seed_window, "default": project["default"], "ceiling": project["ceiling"]}
+    rates = {name: [] for name in pipelines}
+    for _ in range(windows):
+        for name, window in pipelines.items():
+            with clock.part("training") if name == "default" else contextlib.nullcontext():
+                rates[name].append(timed(window, steps * cfg.batch_size, device))
+    ratios = {"default_over_seed": [b / a for a, b in zip(rates["seed"], rates["default"])],
+              "default_over_ceiling": [b / c for b, c in zip(rates["default"], rates["ceiling"])]}
+    times, table = clock.report()
     result = {
-        "device": name, "torch": torch.__version__, "batch_size": batch_size, "precision": project["precision"],
-        "cuda_graphs": project["graphs"], "compile": compile, "seed_workers": seed_workers, "steps": steps,
-        "windows": windows, "seed_images_per_s": seed, "default_images_per_s": project["default"],
-        "ceiling_images_per_s": project["ceiling"], "default_over_seed": project["default"] / seed,
-        "default_over_ceiling": project["default"] / project["ceiling"],
-        "seconds_25_epochs": 25 * CIFAR_TRAIN_IMAGES / project["default"],
+        "device": device_name(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
+        "precision": project["precision"], "cuda_graphs": project["graphs"], "compile": cfg.compile,
+        "seed_workers": seed_workers, "steps": steps, "windows": windows, "flags": flags,
+        **{f"{name}_images_per_s": spread(values) for name, values in rates.items()},
+        **{name: {**spread(values), "conclusive": min(values) > 1 or max(values) < 1} for name, values in ratios.items()},
+        "cifar10_training_images": train_images,
+        "seconds_25_epochs": 25 * train_images / statistics.median(rates["default"]), "time": times,
     }
-    print(f"{name}, torch {torch.__version__}, batch {batch_size}, {project['precision']} precision, "
-          f"CUDA graphs {'on' if project['graphs'] else 'off'}, compile {compile}; median of {windows} windows of {steps} steps")
-    print(f"(a) seed pipeline (PIL, {seed_workers} workers, fp32): {seed:12,.0f} images/s")
-    print(f"(b) this project's default training:    {project['default']:12,.0f} images/s")
-    print(f"(c) ceiling, random batch on the device:  {project['ceiling']:12,.0f} images/s")
-    print(f"b/a = {result['default_over_seed']:.2f}   b/c = {result['default_over_ceiling']:.2f}   "
-          f"25 epochs of {CIFAR_TRAIN_IMAGES:,} images at (b): {result['seconds_25_epochs']:.1f} s")
+    print(f"{result['device']}, torch {torch.__version__}, batch {cfg.batch_size}, {project['precision']} precision, "
+          f"CUDA graphs {'on' if project['graphs'] else 'off'}, compile {cfg.compile}; {windows} windows of {steps} "
+          "steps each, taken in turns: median [min-max]")
+    labels = {"seed": f"(a) seed pipeline (PIL, {seed_workers} workers, fp32)", "default": "(b) this project's default training",
+              "ceiling": "(c) ceiling, random batch on the device"}
+    for name, label in labels.items():
+        figure = result[f"{name}_images_per_s"]
+        print(f"{label:<42} {figure['median']:10,.0f} images/s  [{figure['min']:,.0f}-{figure['max']:,.0f}]")
+    for name, label in (("default_over_seed", "b/a"), ("default_over_ceiling", "b/c")):
+        figure = result[name]
+        verdict = "" if figure["conclusive"] else "  inconclusive: the windows' range reaches across 1"
+        print(f"{label} = {figure['median']:.2f}  [{figure['min']:.2f}-{figure['max']:.2f}]{verdict}")
+    print(f"25 epochs of {train_images:,} CIFAR-10 training images at (b): {result['seconds_25_epochs']:.1f} s")
+    print(table)
     if json_path:
-        with open(json_path, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_text(json_path, json.dumps(result, indent=2) + "\n")
 
 
 def cli():

@@ -8,32 +8,22 @@ seed's files) load too.
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from .config import UsageError
+from .files import atomic_write
 from .model import architecture
 
 WEIGHTS_FORMAT = "alexnet-dist weights 1"
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary name beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_weights(path, model, config: dict, classes) -> None:
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    atomic_save({"format": WEIGHTS_FORMAT, "state_dict": state_dict, "config": config, "classes": list(classes),
-                 "architecture": architecture(model)}, path)
+    atomic_write(path, lambda temporary: torch.save({"format": WEIGHTS_FORMAT, "state_dict": state_dict, "config": config, "classes": list(classes),
+                 "architecture": architecture(model)}, temporary))
 
 
 def read_weights(path) -> dict:
@@ -69,15 +59,20 @@ def describe(arch: dict | None) -> str:
     return f"groups={arch['groups']} and {arch['num_classes']} classes"
 
 
-def load_weights(model, path, payload: dict | None = None) -> dict:
-    """Load a weights file (read already: `payload`) into `model`; another architecture or class count is refused."""
-    payload = payload or read_weights(path)
-    wanted = architecture(model)
+def check_architecture(payload: dict, wanted: dict, path):
+    """A weights file of another architecture or class count is refused, naming both."""
     if payload["architecture"] != wanted:
         raise UsageError(
             f"--load_model_path {path} holds weights for {describe(payload['architecture'])}, "
             f"this run builds AlexNet with {describe(wanted)}"
         )
+
+
+def load_weights(model, path, payload: dict | None = None) -> dict:
+    """Load a weights file (read already: `payload`) into `model`; another architecture or class count is refused."""
+    payload = payload or read_weights(path)
+    wanted = architecture(model)
+    check_architecture(payload, wanted, path)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
@@ -114,6 +109,7 @@ class Checkpoints:
         accelerator.save_state(str(temporary), safe_serialization=False)
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            time.sleep(float(os.environ.get("ALEXNET_DIST_TEST_SAVE_PAUSE", 0)))  # tests: a kill inside a save
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():
@@ -170,28 +166,3 @@ def read_state(path: Path) -> dict:
     except (ValueError, OSError):
         raise UsageError(f"--resume {path}: {STATE_FILE} is damaged; resume from an older checkpoint") from None
     return state
-
-
-def find_checkpoint(resume: str, run_dir: str | None) -> Path:
-    """The checkpoint that --resume names: a checkpoint folder, a run directory, or latest."""
-    if resume == "latest":
-        if run_dir is not None:
-            base = Path(run_dir)
-        else:
-            runs = [p for p in Path("runs").glob("*") if complete_checkpoints(p / "checkpoints")] if Path("runs").is_dir() else []
-            if not runs:
-                raise UsageError("--resume latest: no run under runs/ has a checkpoint (give --run_dir or a path)")
-            base = max(runs, key=lambda p: complete_checkpoints(p / "checkpoints")[-1].stat().st_mtime)
-    else:
-        base = Path(resume)
-        if not base.exists():
-            raise UsageError(f"--resume {resume} does not exist")
-        if (base / STATE_FILE).is_file() or base.name.startswith("step-"):
-            read_state(base)
-            return base
-    folder = base if base.name == "checkpoints" else base / "checkpoints"
-    saved = complete_checkpoints(folder)
-    if not saved:
-        raise UsageError(f"--resume {resume}: {folder} holds no complete checkpoint")
-    read_state(saved[-1])
-    return saved[-1]

@@ -195,8 +195,10 @@ class Config:
                                    optional_number(int, low=0))
     # checkpoints
     resume: str | None = flag(None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path", _optional_path)
-    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: at epoch ends only)", number(int, low=0))
-    keep_checkpoints: int = flag(3, "checkpoints kept besides the best one by validation accuracy", number(int, low=1))
+    checkpoint_minutes: float = flag(10.0, "save the full training state when this many minutes passed since the last save "
+                                     "(also at the end and on a stop signal; 0: at every epoch end)", number(float, low=0.0))
+    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: off)", number(int, low=0))
+    keep_checkpoints: int = flag(1, "newest checkpoints kept, besides the best one by validation accuracy", number(int, low=1))
     allow_config_change: bool = flag(False, "resume even when the flags change what is learned (data, batch, recipe)", _bool)
     skip_nonfinite: bool = flag(False, "skip optimizer steps whose loss is not finite instead of stopping the run", _bool)
     # predictions

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from .config import UsageError
-from .runtime import agree, shared_value
+from .files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -161,12 +161,8 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
             pass  # a damaged cache entry is rebuilt below
     images = _decode_all(files, size, num_workers)
     if write:
-        entry = {"images": images}
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(entry, temporary)
-            os.replace(temporary, path)
+            atomic_write(path, lambda temporary: torch.save({"images": images}, temporary))
         except OSError as error:
             raise UsageError(
                 f"cannot write the decoded-image cache in {cache_dir} ({error.strerror}): "
@@ -321,41 +317,44 @@ def memory_budget(device) -> int:
         return 1 << 62
 
 
-def _decoded(cfg, accelerator, root: Path, files, labels, cache_dir) -> ImageSet:
-    """The files decoded in memory, or left as files for the stream loader (decided by the main process)."""
-    resized_bytes = len(files) * 3 * cfg.resize[0] * cfg.resize[1]
-    stream = cfg.loader == "stream" or (cfg.loader == "auto" and resized_bytes > memory_budget(accelerator.device))
-    if shared_value(accelerator, stream):
-        return ImageSet(labels, files=files)
-    write = accelerator.is_main_process
-    images = agree(accelerator, lambda: decode_cached(files, root, cfg.resize, cache_dir, cfg.num_workers, write),
-                   main_first=cache_dir is not None)
-    return ImageSet(labels, images)
+def streamed(cfg, count: int, device) -> bool:
+    """Whether a split of `count` files stays files for the stream loader: asked for, or too large to decode."""
+    resized_bytes = count * 3 * cfg.resize[0] * cfg.resize[1]
+    return cfg.loader == "stream" or (cfg.loader == "auto" and resized_bytes > memory_budget(device))
 
 
-def load_data(cfg, accelerator) -> Data:
-    """Train / validation / test splits of `cfg.dataset`, identical on every rank."""
+def load_data(cfg, device, writer: bool, stream: bool | None = None) -> Data:
+    """Train / validation / test splits of `cfg.dataset`, the same wherever they are loaded.
+
+    The `writer` (the main process, which runs first) downloads CIFAR-10 and writes the decode
+    cache; the other ranks then read them. `stream`: the writer's choice of the stream loader
+    (None: choose here).
+    """
     root = Path(cfg.data_dir)
     test_note = ""
     if cfg.dataset == "fake":
         full, test, classes = fake()
         check_split(len(full), cfg)
     elif cfg.dataset == "cifar10":
-        agree(accelerator, lambda: accelerator.is_main_process and download_cifar10(root), main_first=True)
-        full, test, classes = agree(accelerator, lambda: cifar10(root))
+        if writer:
+            download_cifar10(root)
+        full, test, classes = cifar10(root)
         check_split(len(full), cfg)
     else:
-        def scan():
-            check_folder(root)
-            train_files = scan_folder(root, "train")
-            test_files = scan_folder(root, "test", train_files[2]) if (root / "test").is_dir() else None
-            check_split(len(train_files[0]), cfg)
-            return train_files, test_files
-
-        (files, labels, classes), test_files = agree(accelerator, scan)
+        check_folder(root)
+        files, labels, classes = scan_folder(root, "train")
+        test_files = scan_folder(root, "test", classes) if (root / "test").is_dir() else None
+        check_split(len(files), cfg)
+        stream = streamed(cfg, len(files), device) if stream is None else stream
         cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or root / ".alexnet_dist_cache")
-        full = _decoded(cfg, accelerator, root, files, labels, cache_dir)
-        test = None if test_files is None else _decoded(cfg, accelerator, root, *test_files[:2], cache_dir)
+
+        def images(files, labels) -> ImageSet:
+            if stream:
+                return ImageSet(labels, files=files)
+            return ImageSet(labels, decode_cached(files, root, cfg.resize, cache_dir, cfg.num_workers, writer))
+
+        full = images(files, labels)
+        test = None if test_files is None else images(*test_files[:2])
         if test is None:
             test_note = f"{root} has no test/ folder: skipping the test evaluation"
     train, val = split(full, cfg.val_size, cfg.fraction_of_data, cfg.seed)

@@ -13,16 +13,14 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from .config import UsageError
 from .data import ImageFiles, ImageSet, resize_images, worker_count
-from .runtime import agree
+from .runtime import stop_together
 from .transforms import Augmentation, draw_plan
 
 
 class DeviceLoader:
     """The split as uint8 on the device, resized once; batches are gathers and tensor ops there."""
 
-    streams = False  # True: batches come from DataLoader workers, which take CPU indices
     unreadable = ()  # files that could not be decoded (stream loader only)
 
     def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, batch_size: int,
@@ -30,11 +28,15 @@ class DeviceLoader:
         self.augmentation, self.device, self.resize = augmentation, device, tuple(resize)
         self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
         self.plan = plan  # epoch -> EpochPlan
+        self.index_device = self._index_device(device)  # where `_batches` takes its image indices
         self.accum = batch_size // (micro_batch * world)
         self.labels = imageset.labels.to(device)
         self.count = len(imageset)
         self.steps_per_epoch = self.count // batch_size
         self._load(imageset)
+
+    def _index_device(self, device):
+        return device
 
     def _load(self, imageset: ImageSet):
         chunks = [resize_images(chunk.to(self.device), self.resize) for chunk in imageset.images.split(4096)]
@@ -55,11 +57,18 @@ class DeviceLoader:
         """This rank's (images, labels) micro-batches of `epoch`, from optimizer step `start_step` on."""
         cpu_plan = self.plan(epoch)
         plan = cpu_plan.to(self.device)
+        order = plan.order if self.index_device == self.device else cpu_plan.order
         slices = list(self._micro_slices(start_step))
-        images = self._batches(cpu_plan.order[a:b] if self.streams else plan.order[a:b] for a, b in slices)
+        images = self._batches(order[a:b] for a, b in slices)
         for (start, stop), batch in zip(slices, images):
             part = plan.slice(start, stop)
             yield self.augmentation.train(batch, part), self.labels[part.order]
+
+    def sample_images(self, count: int, seed: int) -> tuple:
+        """(uint8 images on the CPU, labels) of a seeded sample of up to `count` images of the split."""
+        index = torch.randperm(self.count, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        images = next(iter(self._batches([index.to(self.index_device)])))
+        return images.cpu(), self.labels[index.to(self.device)].cpu()
 
     def eval_batches(self, batch_size: int):
         """(uint8 images, labels, number of real images) over this rank's shard of the split.
@@ -72,7 +81,7 @@ class DeviceLoader:
         padded = torch.zeros(num_batches * batch_size, dtype=torch.int64)
         padded[: len(shard)] = shard
         chunks = padded.split(batch_size)
-        index_chunks = chunks if self.streams else [chunk.to(self.device) for chunk in chunks]
+        index_chunks = [chunk.to(self.index_device) for chunk in chunks]
         for number, (chunk, images) in enumerate(zip(chunks, self._batches(index_chunks))):
             valid = max(0, min(batch_size, len(shard) - number * batch_size))
             yield images, self.labels[chunk.to(self.device)], valid
@@ -81,11 +90,12 @@ class DeviceLoader:
 class StreamLoader(DeviceLoader):
     """For splits too large for the device: workers decode and resize, the device crops and flips."""
 
-    streams = True
-
     def __init__(self, *args, num_workers: int, **kwargs):
         self.num_workers = num_workers
         super().__init__(*args, **kwargs)
+
+    def _index_device(self, device):
+        return torch.device("cpu")  # DataLoader workers take plain indices
 
     def _load(self, imageset: ImageSet):
         self.dataset = ImageFiles(imageset.files, imageset.images, size=self.resize, blank_unreadable=True)
@@ -102,6 +112,8 @@ class StreamLoader(DeviceLoader):
 
 
 def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int):
+    """This rank's loader of `imageset`; `cfg` gives resize, random_crop, flip, seed, translate, pca_color,
+    batch_size, loader and num_workers."""
     plan = partial(draw_plan, len(imageset), cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,
                    translate=cfg.translate, colour_std=cfg.pca_color)
     common = dict(device=device, resize=cfg.resize, batch_size=cfg.batch_size, micro_batch=micro_batch, rank=rank,
@@ -118,9 +130,6 @@ def streams(imageset: ImageSet, cfg) -> bool:
 
 def check_readable(accelerator, *loaders):
     """Stop every rank together, naming the file, when a stream loader met an unreadable image."""
-    def check():
-        for loader in loaders:
-            if loader is not None and loader.unreadable:
-                raise UsageError(f"unreadable image in the data set: {loader.unreadable[0]} "
-                                 f"({len(loader.unreadable)} such file(s)); remove or replace it and resume")
-    agree(accelerator, check)
+    unreadable = [path for loader in loaders if loader is not None for path in loader.unreadable]
+    stop_together(accelerator, f"unreadable image in the data set: {unreadable[0]} ({len(unreadable)} such file(s)); "
+                               "remove or replace it and resume" if unreadable else None)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import fire
 
+from .files import atomic_write
+
 CURVES = [  # metric, axis label, file name (the seed's README images)
     ("Loss/Train", "training loss", "LossTrain.png"),
     ("Accuracy/Train", "training accuracy", "AccuracyTrain.png"),
@@ -37,7 +39,7 @@ def _pyplot():
 
 
 def draw_curves(run_dirs, out_dir, labels=None) -> list:
-    """One PNG per curve in `out_dir`, each run a line; returns the files written."""
+    """One PNG per curve in `out_dir`, each run a line; returns (file written, runs drawn in it) pairs."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,21 +47,20 @@ def draw_curves(run_dirs, out_dir, labels=None) -> list:
     written = []
     for metric, label, name in CURVES:
         figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+        drawn = 0
         for run_label, rows in runs:
             points = [(row["step"], row[metric]) for row in rows if metric in row]
             if points:
                 axes.plot(*zip(*points), marker="." if len(points) < 60 else None, label=run_label)
+                drawn += 1
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         if len(runs) > 1:
             axes.legend()
         figure.tight_layout()
-        temporary = out_dir / f".{name}.tmp.png"
-        figure.savefig(temporary)
+        written.append((atomic_write(out_dir / name, figure.savefig), drawn))
         plt.close(figure)
-        temporary.replace(out_dir / name)
-        written.append(out_dir / name)
     return written
 
 
@@ -81,7 +82,7 @@ def draw_confusion(confusion, classes, path) -> Path:
                 axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
                           color="white" if value > 0.5 else "black")
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, figure.savefig)
     plt.close(figure)
     return Path(path)
 
@@ -104,8 +105,8 @@ def main(*run_dirs, out: str | None = None):
     except (FileNotFoundError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    for path in written:
-        print(path)
+    for path, drawn in written:
+        print(f"{path}: {drawn} run(s)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python launch/train.py --predict [a.jpg,b.png] --load_model_path ... --predict_json predictions.json
 
 Class names, the network and the preprocessing (resize, crop, mean, std) come from the weights
-file (cli.with_weights_settings); --tta picks the test-time views. An unreadable image is
+file (preflight.with_weights_settings); --tta picks the test-time views. An unreadable image is
 reported by name and skipped.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights, read_weights
+from .checkpoint import load_weights
 from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
 from .engine import TTA_VIEWS
+from .files import write_text
 from .model import alexnet
-from .training import check_writable
 from .transforms import Augmentation
 
 
@@ -38,12 +38,9 @@ def image_paths(targets) -> list:
     return paths
 
 
-def predict(cfg, accelerator) -> list:
+def predict(plan, accelerator) -> list:
     """[{file, top: [{class, probability}]}] for every readable image; printed and optionally saved."""
-    paths = image_paths(cfg.predict)
-    if cfg.predict_json:
-        check_writable("--predict_json", Path(cfg.predict_json))
-    weights = read_weights(cfg.load_model_path)
+    cfg, paths, weights = plan.cfg, plan.predict_paths, plan.weights
     classes = weights["classes"] or [str(i) for i in range(weights["architecture"]["num_classes"])]
     model = alexnet(num_classes=len(classes), groups=cfg.groups)
     load_weights(model, cfg.load_model_path, weights)
@@ -73,8 +70,7 @@ def predict(cfg, accelerator) -> list:
             accelerator.print(f"{path}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in top))
     if cfg.predict_json and accelerator.is_main_process:
         try:
-            Path(cfg.predict_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.predict_json).write_text(json.dumps(predictions, indent=1) + "\n")
+            write_text(cfg.predict_json, json.dumps(predictions, indent=1) + "\n")
         except OSError as error:
             raise UsageError(f"--predict_json {cfg.predict_json} cannot be written ({error.strerror})") from None
         accelerator.print(f"wrote {len(predictions)} predictions to {cfg.predict_json}")

@@ -1,4 +1,4 @@
-"""The Accelerator from the flags, the global-batch breakdown, and decisions every rank shares.
+"""The Accelerator from the flags, the global-batch breakdown, and what every rank must agree on.
 
 The launcher (`accelerate launch`, torchrun, or none) decides how many processes and machines run;
 the flags decide what is learned. `batch_size` is the global batch, so each process takes
@@ -80,41 +80,39 @@ def breakdown(batch_size: int, num_processes: int, grad_accum_steps: int) -> str
             f"x {micro} images per micro-batch")
 
 
-def agree(accelerator: Accelerator, action, main_first: bool = False):
-    """`action()` on every rank (on the main process first if asked, e.g. a download or a cache write).
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
-    A UsageError on any rank is raised on every rank, so all of them stop together instead of
-    waiting for each other at the next collective.
-    """
-    def attempt():
-        try:
-            return action(), None
-        except UsageError as error:
-            return None, str(error)
 
-    if accelerator.num_processes == 1:
-        result, error = attempt()
-        if error:
-            raise UsageError(error)
-        return result
-    result, error = attempt() if (accelerator.is_main_process or not main_first) else (None, None)
-    if main_first:
-        main_error = broadcast_object_list([error])[0]
-        if main_error:
-            raise UsageError(main_error)
-        if not accelerator.is_main_process:
-            result, error = attempt()
-    errors = [message for message in gather_object([error]) if message]
-    if errors:
-        raise UsageError(errors[0])
+def _attempt(action):
+    try:
+        return action(), None
+    except UsageError as error:
+        return None, str(error)
+
+
+def agreed(accelerator: Accelerator, on_main, on_every_rank):
+    """The one cross-rank agreement before a run: `on_main()` runs on the main process first (downloads,
+    caches, choices of paths), its picklable result goes to every rank, then `on_every_rank(result)`
+    runs everywhere. A UsageError on any rank is raised on every rank, so all of them stop together
+    instead of waiting for each other at the next collective."""
+    decision, error = _attempt(on_main) if accelerator.is_main_process else (None, None)
+    if accelerator.num_processes > 1:
+        decision, error = broadcast_object_list([(decision, error)])[0]
+    if error:
+        raise UsageError(error)
+    result, error = _attempt(lambda: on_every_rank(decision))
+    stop_together(accelerator, error)
     return result
 
 
-def shared_value(accelerator: Accelerator, value):
-    """The main process's `value` on every rank (a time stamp, a path)."""
-    if accelerator.num_processes == 1:
-        return value
-    return broadcast_object_list([value])[0]
+def stop_together(accelerator: Accelerator, error: str | None):
+    """In-run agreement: if any rank has an error message, every rank raises the first one."""
+    if accelerator.num_processes > 1:
+        errors = [message for message in gather_object([error]) if message]
+        error = errors[0] if errors else None
+    if error:
+        raise UsageError(error)
 
 
 class RunStopped(Exception):
@@ -128,8 +126,9 @@ class RunStopped(Exception):
 class StopSignals:
     """SIGTERM and SIGINT ask the run to stop after the current optimizer step; a second SIGINT stops at once.
 
-    With several processes the ranks agree every `every` steps (one all-reduce), so that all of them
-    stop after the same step; a single process checks its own flag after every step.
+    With several processes the ranks agree every `every` steps (one all-reduce, which also carries
+    whether a checkpoint is due), so that all of them stop or save after the same step; a single
+    process checks its own flag after every step.
     """
 
     every = 10
@@ -143,20 +142,28 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = number
 
-    def requested(self, global_step: int) -> bool:
-        if self.accelerator.num_processes == 1:
-            return self.received is not None
-        return not global_step % self.every and self.agreed()
+    def poll(self, global_step: int, save_due: bool = False) -> tuple:
+        """(stop now?, save a checkpoint now?), the same on every rank.
 
-    def agreed(self) -> bool:
-        """Whether any rank received a signal (a collective: every rank calls it at the same point)."""
+        One process answers after every step; several agree every `every` steps (one all-reduce
+        carries both) and answer (False, False) in between.
+        """
         if self.accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor(0.0 if self.received is None else float(self.received), device=self.accelerator.device)
-        number = int(self.accelerator.gather(flag[None]).max())
+            return self.received is not None, save_due
+        if global_step % self.every:
+            return False, False
+        return self.agree(save_due)
+
+    def agree(self, save_due: bool = False) -> tuple:
+        """Whether any rank received a signal, and whether any rank's checkpoint is due (a collective)."""
+        if self.accelerator.num_processes == 1:
+            return self.received is not None, save_due
+        flags = torch.tensor([0.0 if self.received is None else float(self.received), float(save_due)],
+                             device=self.accelerator.device)
+        number, due = self.accelerator.gather(flags[None]).max(dim=0).values.tolist()
         if number and self.received is None:
-            self.received = number
-        return bool(number)
+            self.received = int(number)
+        return bool(number), bool(due)
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""

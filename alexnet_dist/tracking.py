@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .config import UsageError
+from .engine import per_class_accuracy
 from .plot import draw_confusion, draw_curves
 
 
@@ -64,12 +65,17 @@ class Tracker:
         wandb_run = self._wandb_run()
         if wandb_run is not None:
             (self.run_dir / "tracker.json").write_text(json.dumps({"wandb_id": wandb_run.id}) + "\n")
+            # every curve against the optimizer step; the summary keeps the best validation accuracy
+            wandb_run.define_metric("optimizer_step")
+            wandb_run.define_metric("*", step_metric="optimizer_step")
+            for name in ("Accuracy/Validation", "Accuracy/Validation_EMA"):
+                wandb_run.define_metric(name, step_metric="optimizer_step", summary="max")
         if wandb_run is not None and os.environ["WANDB_MODE"] == "offline":
             where = Path(wandb_run.dir).parent
             self.offline_note = f"W&B ran offline (no credentials found, or WANDB_MODE=offline): upload with  wandb sync {where}"
 
     def log(self, values: dict, step: int):
-        self.accelerator.log(values, step=step)
+        self.accelerator.log({**values, "optimizer_step": step} if self._wandb_run() else values, step=step)
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
@@ -85,21 +91,14 @@ class Tracker:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
-    def finish(self, confusion=None, classes=None, weights_path=None, step: int = 0):
-        """Confusion matrix (PNG, and a W&B table and image), weights as a W&B artifact when online, end."""
+    def finish(self, confusion=None, classes=None, weights_path=None, step: int = 0, gallery=None, split="test"):
+        """Confusion matrix and confused pairs (PNGs, W&B and TensorBoard images), the predictions table and the
+        tables of the confusion, weights as a W&B artifact when online; then end the tracker."""
         if self.main and confusion is not None:
-            picture = draw_confusion(confusion, classes, self.run_dir / "ConfusionMatrix.png")
-            wandb_run = self._wandb_run()
-            if wandb_run is not None:
-                import wandb
-
-                rows = [[true, predicted, int(confusion[i, j])] for i, true in enumerate(classes)
-                        for j, predicted in enumerate(classes)]
-                per_class = (confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)).tolist()
-                wandb_run.log({"test/confusion_matrix": wandb.Table(columns=["true", "predicted", "count"], data=rows),
-                               "test/per_class_accuracy": wandb.Table(columns=["class", "accuracy"],
-                                                                      data=[list(r) for r in zip(classes, per_class)]),
-                               "test/confusion_matrix_image": wandb.Image(str(picture))}, step=step)
+            pictures = {f"{split}/confusion_matrix_image": draw_confusion(confusion, classes, self.run_dir / "ConfusionMatrix.png")}
+            if gallery is not None and gallery.pairs_png is not None:
+                pictures[f"{split}/most_confused_pairs"] = gallery.pairs_png
+            self._log_pictures(pictures, confusion, classes, step, gallery, split)
         if self.main and weights_path is not None and self._wandb_run() is not None and os.environ.get("WANDB_MODE") == "online":
             import wandb
 
@@ -109,3 +108,26 @@ class Tracker:
         self.accelerator.end_training()
         if self.offline_note:
             self.accelerator.print(self.offline_note)
+
+    def _log_pictures(self, pictures: dict, confusion, classes, step: int, gallery, split: str):
+        if self.logger == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            board = self.accelerator.get_tracker("tensorboard")
+            board.log_images({name: np.asarray(Image.open(path).convert("RGB"))[None].transpose(0, 3, 1, 2)
+                              for name, path in pictures.items()}, step=step)
+        wandb_run = self._wandb_run()
+        if wandb_run is None:
+            return
+        import wandb
+
+        rows = [[true, predicted, int(confusion[i, j])] for i, true in enumerate(classes) for j, predicted in enumerate(classes)]
+        values = {f"{split}/confusion_matrix": wandb.Table(columns=["true", "predicted", "count"], data=rows),
+                  f"{split}/per_class_accuracy": wandb.Table(columns=["class", "accuracy"],
+                                                         data=[list(r) for r in zip(classes, per_class_accuracy(confusion))]),
+                  **{name: wandb.Image(str(path)) for name, path in pictures.items()}}
+        if gallery is not None:
+            values[f"{split}/predictions"] = wandb.Table(columns=gallery.columns,
+                                                     data=[[wandb.Image(row[0]), *row[1:]] for row in gallery.rows])
+        wandb_run.log({**values, "optimizer_step": step}, step=step)

@@ -21,9 +21,10 @@ import fire
 import torch
 
 from alexnet_dist.config import Config
-from alexnet_dist.engine import GraphedStep, Step, WeightAverage, build_optimizer, build_scheduler
-from alexnet_dist.model import alexnet
+from alexnet_dist.data import ImageSet
 from alexnet_dist.runtime import build_accelerator
+from alexnet_dist.step import GraphedStep
+from alexnet_dist.training import build_trainer
 
 BATCH = 128
 # bf16 autocast: the same kernels run in both paths, but cuDNN may pick other algorithms per run
@@ -38,22 +39,20 @@ def weights(model) -> dict:
 
 
 class Setup:
-    """The model, optimizer, schedule and step of one trial, built the way training builds them."""
+    """The trainer of one trial, built as training builds it (alexnet_dist.training.build_trainer)."""
 
     def __init__(self, accelerator, graphs: bool, compile: bool = False, **flags):
         base = {"logger": "none", "batch_size": BATCH, "warmup_epochs": 0.5, "num_epochs": 1, "init": "kaiming"}
         self.cfg = Config.from_flags({**base, **flags})
-        torch.manual_seed(0)
-        model = alexnet(init="kaiming", dropout=self.cfg.dropout).to(memory_format=torch.channels_last)
-        if compile:
-            model = torch.compile(model)
-        optimizer = build_optimizer(model, self.cfg, accelerator.device, lr_on_device=graphs)
-        self.scheduler = build_scheduler(optimizer, self.cfg, steps_per_epoch=12)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-        self.step = (GraphedStep if graphs else Step)(accelerator, self.model, self.optimizer, criterion)
-        self.average = WeightAverage(self.model, 0.9) if self.cfg.ema else None
-        self.initial = weights(self.model)
+        images = torch.zeros(12 * BATCH, 3, 32, 32, dtype=torch.uint8)  # only sets the schedule's epoch length
+        trainer = build_trainer(self.cfg, accelerator, ImageSet(torch.zeros(12 * BATCH, dtype=torch.int64), images),
+                                10, BATCH, graphs)
+        self.model, self.optimizer, self.scheduler, self.step = trainer.model, trainer.optimizer, trainer.scheduler, trainer.step
+        if compile:  # what Accelerate's dynamo plugin does in prepare()
+            self.model = torch.compile(trainer.model)
+            self.step = type(trainer.step)(accelerator, self.model, self.optimizer, trainer.step.criterion)
+        self.average = trainer.average
+        self.initial = weights(trainer.model)
 
     def train(self, batches) -> list:
         losses = []
@@ -138,7 +137,7 @@ def check_plateau(accelerator, batches) -> dict:
 
 
 def check_ema(accelerator, batches) -> dict:
-    eager, graphed = Setup(accelerator, False, dropout=0.0, ema=0.9), Setup(accelerator, True, dropout=0.0, ema=0.9)
+    eager, graphed = Setup(accelerator, False, dropout=0.0, ema=0.99), Setup(accelerator, True, dropout=0.0, ema=0.99)
     eager.train(batches)
     graphed.train(batches)
     moved = max((a - b.float()).abs().max().item() for a, b in zip(eager.average.average, eager.initial.values()))

@@ -4,20 +4,26 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cli_env
 
 
 def test_bench_runs_and_writes_its_figures(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "alexnet_dist.bench", "--steps", "1", "--windows", "1",
-                             "--batch_size", "16", "--json_path", "bench.json"], cwd=tmp_path, env=cli_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "alexnet_dist.bench", "--steps", "1", "--windows", "2",
+                             "--batch_size", "16", "--val_size", "0.2", "--init", "kaiming", "--json_path", "bench.json"],
+                            cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     figures = json.loads((tmp_path / "bench.json").read_text())
-    assert figures["device"] == "CPU" and figures["batch_size"] == 16
-    for key in ("seed_images_per_s", "default_images_per_s", "ceiling_images_per_s"):
-        assert figures[key] > 0
-    assert figures["default_over_seed"] == figures["default_images_per_s"] / figures["seed_images_per_s"]
-    assert "b/a = " in result.stdout
+    assert figures["device"] == "CPU" and figures["batch_size"] == 16 and figures["windows"] == 2
+    assert figures["flags"] == {"batch_size": 16, "val_size": 0.2, "init": "kaiming"}  # the flags reach the figures
+    assert figures["cifar10_training_images"] == 40_000  # 50,000 less the 20% validation split
+    default = figures["default_images_per_s"]
+    assert default["min"] <= default["median"] <= default["max"]
+    assert figures["seconds_25_epochs"] == pytest.approx(25 * 40_000 / default["median"])
+    assert set(figures["default_over_seed"]) == {"median", "min", "max", "conclusive"}
+    assert figures["time"]["time/total"] >= figures["time"]["time/training"] > 0
+    assert "b/a = " in result.stdout and "where the" in result.stdout
 
 
 def test_bench_refuses_bad_flags_in_one_line(tmp_path):

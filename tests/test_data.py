@@ -1,16 +1,15 @@
 import pickle
-from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate import Accelerator
 from torchvision.io import write_jpeg, write_png
 
 from alexnet_dist import data as data_module
 from alexnet_dist.config import Config, UsageError
 from alexnet_dist.data import ImageSet, fake, load_data, split_indices
-from alexnet_dist.loaders import DeviceLoader, StreamLoader
+from alexnet_dist.loaders import make_loader
 from alexnet_dist.transforms import Augmentation, colour_pca, draw_plan
 
 CPU = torch.device("cpu")
@@ -24,13 +23,10 @@ def label_coded(count=96, classes=6, size=40) -> ImageSet:
 
 
 def loader_for(imageset, rank=0, world=1, batch_size=16, micro_batch=16, stream=False, crop=(32, 32), resize=(40, 40)):
-    augmentation = Augmentation(crop, (0.0,) * 3, (1.0,) * 3, CPU)
-    plan = partial(draw_plan, len(imageset), resize, crop, True, 3)
-    common = dict(device=CPU, resize=resize, batch_size=batch_size, micro_batch=micro_batch, rank=rank, world=world,
-                  plan=plan)
-    if stream:
-        return StreamLoader(imageset, augmentation, num_workers=0, **common)
-    return DeviceLoader(imageset, augmentation, **common)
+    """make_loader with a crop smaller than the CLI allows (fast tests): the flags as plain attributes."""
+    flags = SimpleNamespace(resize=resize, random_crop=crop, flip=True, seed=3, translate=0, pca_color=0.0,
+                            batch_size=batch_size, loader="stream" if stream else "device", num_workers=0)
+    return make_loader(imageset, Augmentation(crop, (0.0,) * 3, (1.0,) * 3, CPU), CPU, flags, micro_batch, rank, world)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -137,15 +133,10 @@ def folder_config(root, **flags):
                               "batch_size": 2, **flags})
 
 
-@pytest.fixture
-def accelerator():
-    return Accelerator(cpu=True)
-
-
-def test_folder_with_test_split(tmp_path, accelerator):
+def test_folder_with_test_split(tmp_path):
     write_folder(tmp_path, "train")
     write_folder(tmp_path, "test", per_class=2)
-    data = load_data(folder_config(tmp_path), accelerator)
+    data = load_data(folder_config(tmp_path), CPU, writer=True)
     assert data.classes == ["cat", "dog"]
     assert len(data.train) == 6 and len(data.test) == 4 and data.val is None
     assert data.train.images.shape == (6, 3, 32, 32)
@@ -153,42 +144,42 @@ def test_folder_with_test_split(tmp_path, accelerator):
     assert torch.equal((means > 80).long(), data.train.labels)  # labels follow the class folders
 
 
-def test_folder_without_test_split_says_so(tmp_path, accelerator):
+def test_folder_without_test_split_says_so(tmp_path):
     write_folder(tmp_path, "train", sizes=((32, 32), (20, 48)))
-    data = load_data(folder_config(tmp_path, resize=70, random_crop=64), accelerator)
+    data = load_data(folder_config(tmp_path, resize=70, random_crop=64), CPU, writer=True)
     assert data.test is None and "no test/" in data.test_note
     assert data.train.images.shape == (6, 3, 70, 70)  # mixed sizes are resized when decoded
 
 
-def test_folder_cache_is_reused_and_never_stale(tmp_path, accelerator, monkeypatch):
+def test_folder_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
     write_folder(tmp_path, "train")
-    first = load_data(folder_config(tmp_path), accelerator).train.images
+    first = load_data(folder_config(tmp_path), CPU, writer=True).train.images
     assert list((tmp_path / ".alexnet_dist_cache").glob("images-*.pt"))
 
     def no_decoding(*args):
         raise AssertionError("decoded again although the cache is valid")
 
     monkeypatch.setattr(data_module, "_decode_all", no_decoding)
-    assert torch.equal(load_data(folder_config(tmp_path), accelerator).train.images, first)
+    assert torch.equal(load_data(folder_config(tmp_path), CPU, writer=True).train.images, first)
     write_folder(tmp_path, "train", per_class=4)  # a new file changes the key
     with pytest.raises(AssertionError, match="decoded again"):
-        load_data(folder_config(tmp_path), accelerator)
+        load_data(folder_config(tmp_path), CPU, writer=True)
 
 
-def test_folder_errors_name_the_problem(tmp_path, accelerator):
+def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        load_data(folder_config(tmp_path / "missing"), accelerator)
+        load_data(folder_config(tmp_path / "missing"), CPU, writer=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no train/ folder"):
-        load_data(folder_config(tmp_path / "empty"), accelerator)
+        load_data(folder_config(tmp_path / "empty"), CPU, writer=True)
     write_folder(tmp_path / "broken", "train")
     bad = tmp_path / "broken" / "train" / "cat" / "bad.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(UsageError, match="bad.jpg"):
-        load_data(folder_config(tmp_path / "broken"), accelerator)
+        load_data(folder_config(tmp_path / "broken"), CPU, writer=True)
 
 
-def test_cifar10_batches_on_disk(tmp_path, accelerator):
+def test_cifar10_batches_on_disk(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -199,12 +190,12 @@ def test_cifar10_batches_on_disk(tmp_path, accelerator):
             pickle.dump({b"data": pixels.numpy(), b"labels": labels.tolist()}, handle)
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
-    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4}), accelerator)
+    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4}), CPU, writer=True)
     assert len(data.train) == 15 and len(data.val) == 5 and len(data.test) == 4
     assert data.classes[0] == "c0" and data.train.images.shape == (15, 3, 32, 32)
     (folder / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(UsageError, match="data_batch_3 is missing or corrupt"):
-        load_data(Config.from_flags({"data_dir": str(tmp_path), "batch_size": 4}), accelerator)
+        load_data(Config.from_flags({"data_dir": str(tmp_path), "batch_size": 4}), CPU, writer=True)
 
 
 def test_translation_mirrors_the_borders():

@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from alexnet_dist.config import Config
-from alexnet_dist.engine import GraphedStep, Step, build_optimizer, build_scheduler
+from alexnet_dist.engine import build_optimizer, build_scheduler
+from alexnet_dist.step import GraphedStep, Step
 from alexnet_dist.model import alexnet
 
 
@@ -122,7 +123,7 @@ def test_a_replaced_learning_rate_goes_back_into_the_recorded_tensor(cuda_stand_
 def test_auto_graphs_stay_off_with_the_stream_loader():
     from types import SimpleNamespace
 
-    from alexnet_dist.engine import use_cuda_graphs
+    from alexnet_dist.step import use_cuda_graphs
 
     one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, mixed_precision="bf16")
     cfg = Config.from_flags({"logger": "none"})
@@ -130,3 +131,33 @@ def test_auto_graphs_stay_off_with_the_stream_loader():
     assert not use_cuda_graphs(cfg, SimpleNamespace(device=torch.device("cuda"), num_processes=2, mixed_precision="bf16"))
     forced = Config.from_flags({"logger": "none", "cuda_graphs": "true"})
     assert use_cuda_graphs(forced, one_gpu, streaming=True)  # asked for: the user's choice
+
+
+def test_graph_check_script_runs_its_checks(cuda_stand_ins):
+    """The GPU script's own code, run on the CPU with the stand-ins: every check builds, trains and reports
+    (its verdicts need a real GPU; here a replay does nothing)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("graph_check", ROOT / "scripts" / "graph_check.py")
+    graph_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_check)
+    cuda_stand_ins.setattr(torch.cuda, "graph", silent_capture)
+    cuda_stand_ins.setattr(graph_check, "BATCH", 8)
+    accelerator = Accelerator(cpu=True)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(10, (8,), generator=generator))
+               for _ in range(GraphedStep.warmup + 2)]
+
+    def track(setup_init):
+        def init(self, *args, **kwargs):
+            setup_init(self, *args, **kwargs)
+            BUILT.update(model=self.model, optimizer=self.optimizer)
+        return init
+
+    cuda_stand_ins.setattr(graph_check.Setup, "__init__", track(graph_check.Setup.__init__))
+    for check in (graph_check.check_exact, graph_check.check_dropout, graph_check.check_dropout_mean,
+                  graph_check.check_plateau, graph_check.check_ema):
+        result = check(accelerator, batches)
+        assert isinstance(result["passed"], bool) and "error" not in result, (check.__name__, result)

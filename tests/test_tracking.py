@@ -42,13 +42,31 @@ def wandb_summary(path: Path) -> dict:
 
 def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
-    result = run_cli(QUICK + ["--logger", "wandb", "--log_freq", "1", "--run_name", "offline-test"], cwd=tmp_path, env=env)
+    result = run_cli(QUICK + ["--logger", "wandb", "--log_freq", "1", "--run_name", "offline-test", "--num_epochs", "3",
+                              "--init", "kaiming"], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     summary = wandb_summary(runs[0])
-    assert 0 <= summary["Accuracy/Test"] <= 1 and 0 <= summary["Accuracy/Validation"] <= 1
-    assert "Loss/Train" in summary and "images_per_second" in summary
+    correct, total = map(int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups())
+    assert summary["Accuracy/Test"] == pytest.approx(correct / total)  # what the run printed
+    last = json.loads(next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("Accuracy/Test", "Accuracy/Validation_final/tta_ten", "time/total", "time/training"):
+        assert summary[key] == pytest.approx(last[key])  # the same as the run's own metrics file
+    validation = [json.loads(line) for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl")
+                  .read_text().splitlines() if "Accuracy/Validation" in line and "final" not in line]
+    assert len(validation) == 3  # the summary keeps the best epoch's validation accuracy, not the last one
+    assert summary["Accuracy/Validation"] == {"max": pytest.approx(max(row["Accuracy/Validation"] for row in validation))}
+    assert "Loss/Train" in summary and "images_per_second" in summary and summary["optimizer_step"] == 15
+    # the end-of-run pictures: a predictions table (seeded sample + confident mistakes) and the confused pairs
+    files = runs[0].parent / "files"
+    assert summary["test/predictions/_type"] == "table-file" and 100 <= summary["test/predictions/nrows"] <= 110
+    rows = json.loads((files / summary["test/predictions/path"]).read_text())
+    assert rows["columns"] == ["image", "true", "predicted", "probability", "top-3"]
+    assert all(row[1].startswith("pattern") and 0 < row[3] <= 1 for row in rows["data"])
+    for name in ("test/most_confused_pairs", "test/confusion_matrix_image"):
+        assert summary[f"{name}/_type"] == "image-file" and (files / summary[f"{name}/path"]).is_file()
+    assert (next((tmp_path / "runs").iterdir()) / "ConfusedPairs.png").is_file()
     assert result.stdout.count("wandb sync") == 1 and str(runs[0].parent) in result.stdout
 
 
@@ -71,6 +89,9 @@ def test_tensorboard_events_hold_the_three_curves(tmp_path):
     tags = accumulator.Tags()["scalars"]
     assert {"Loss/Train", "Accuracy/Train", "Accuracy/Validation"} <= set(tags)
     assert len(accumulator.Scalars("Loss/Train")) == 5  # one per optimizer step at log_freq 1
+    correct, total = map(int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups())
+    assert accumulator.Scalars("Accuracy/Test")[-1].value == pytest.approx(correct / total)
+    assert {"test/confusion_matrix_image", "test/most_confused_pairs"} <= set(accumulator.Tags()["images"])
 
 
 def test_run_directory_metrics_plots_and_the_plot_command(tmp_path):
@@ -91,9 +112,13 @@ def test_run_directory_metrics_plots_and_the_plot_command(tmp_path):
                             env=cli_env(), cwd=tmp_path)
     assert redraw.returncode == 0, redraw.stderr
     assert all((run / name).exists() for name in pictures[:3])
-    overlay = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run), str(run), "--out", "compare"],
+    assert "LossTrain.png: 1 run(s)" in redraw.stdout
+    other = run_cli(QUICK + ["--num_epochs", "1", "--log_freq", "1", "--run_dir", "other"], cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    overlay = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run), "other", "--out", "compare"],
                              capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
     assert overlay.returncode == 0 and (tmp_path / "compare" / "LossTrain.png").exists()
+    assert all(f"{name}: 2 run(s)" in overlay.stdout for name in pictures[:3])  # both runs drawn in every curve
     missing = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", "nowhere"], capture_output=True, text=True,
                              env=cli_env(), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1

@@ -1,6 +1,7 @@
 """Smoke runs of the real entry point on generated data, on one and two CPU processes."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     result = run_cli(QUICK + ["--save", "out/model.pth", "--log_freq", "2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "global batch 32 = 1 process(es) x 1 accumulation step(s) x 32 images per micro-batch" in result.stdout
+    configuration = [line for line in result.stdout.splitlines() if line.startswith("configuration: ")]
+    assert len(configuration) == 1  # the whole configuration, printed once at the start
+    assert "batch_size=32" in configuration[0] and "log_freq=2" in configuration[0] and "dataset=fake" in configuration[0]
     assert "step 2: training loss" in result.stdout
     assert re.search(r"epoch 1/1: loss [\d.]+, train accuracy [\d.]+%, validation accuracy [\d.]+%", result.stdout)
     weights = read_weights(tmp_path / "out" / "model.pth")
@@ -92,3 +96,31 @@ def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan(tmp_path):
         assert 0.4 < first.float().mean() < 0.6  # still dropout 0.5
     single = records[1][0]["inputs"][0]
     assert torch.equal(torch.cat([rank0["inputs"][0], rank1["inputs"][0]]), single)
+
+
+def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_path):
+    """--compile true: the weights file has the plain network's names (no torch.compile prefix), so evaluation
+    and predictions load it; a checkpoint of the compiled run resumes, compiled or not."""
+    flags = QUICK + ["--compile", "true", "--mixed_precision", "no", "--checkpoint_minutes", "0", "--run_dir", "run"]
+    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    state_dict = read_weights(tmp_path / "model.pth")["state_dict"]
+    assert "features.0.weight" in state_dict and not any("_orig_mod" in name for name in state_dict)
+    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "model.pth"], cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    printed = r"test \(tta none\) accuracy ([\d.]+)%"
+    assert re.search(printed, evaluation.stdout).group(1) == re.search(printed, trained.stdout).group(1)
+    from torchvision.io import write_png
+
+    from alexnet_dist.data import fake
+
+    write_png(fake()[1].images[0], str(tmp_path / "one.png"))
+    predicted = run_cli(["--predict", "one.png", "--load_model_path", "model.pth"], cwd=tmp_path)
+    assert predicted.returncode == 0 and "one.png: pattern" in predicted.stdout, predicted.stderr
+    for compile in ("true", "false"):
+        folder = tmp_path / f"resume_{compile}"
+        shutil.copytree(tmp_path / "run", folder / "run")
+        resumed = run_cli([*flags, "--num_epochs", "2", "--compile", compile, "--resume", "latest",
+                           "--save", "again.pth"], cwd=folder)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from run/checkpoints/step-0000005" in resumed.stdout

@@ -1,0 +1,133 @@
+"""Everything that can fail before training, decided once: the run's plan, the same on every rank.
+
+The main process goes first: it downloads and caches the data, reads the weights to start from,
+chooses and checks the checkpoint to resume, names the run folder and checks that `--save` can be
+written. Its decisions reach every rank in one broadcast; then each rank loads its own copy of the
+data (from the cache the main process wrote). A bad input anywhere stops every rank with one line,
+before anything is written. After `preflight` the code is rank-agnostic.
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import check_architecture, read_weights
+from .config import Config, UsageError
+from .data import Data, load_data
+from .files import check_writable
+from .predict import image_paths
+from .resume import choose
+from .runtime import agreed, micro_batch_size
+from .step import use_cuda_graphs
+from .tracking import check_logger
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does, held by every rank."""
+    cfg: Config                     # the flags (for evaluation: the network and preprocessing of the weights)
+    data: Data | None               # this rank's copy of the splits (None when predicting)
+    micro_batch: int                # images per process and micro-step
+    graphs: bool                    # training steps recorded as CUDA graphs
+    stamp: str                      # the run's start time, also after a resume
+    run_dir: Path | None            # the run folder (training only)
+    save_path: Path | None          # where the final weights go (training only)
+    resume_from: Path | None        # the checkpoint to continue from
+    state: dict | None              # its trainer_state.json
+    weights: dict | None            # the payload of --load_model_path, read by this rank
+    predict_paths: tuple = ()       # the image files to classify
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The main process's choices, broadcast to the other ranks (small and picklable: no tensors)."""
+    cfg: Config
+    asked: Config               # the main process's flags as given, which every rank must share
+    stream: bool = False
+    stamp: str = ""
+    run_dir: Path | None = None
+    save_path: Path | None = None
+    resume_from: Path | None = None
+    state: dict | None = None
+    predict_paths: tuple = ()
+
+
+def preflight(cfg: Config, accelerator) -> Plan:
+    held = {}  # what the main process already loaded, so that it does not load it twice
+
+    def on_main() -> Decision:
+        held["weights"] = read_weights(cfg.load_model_path) if cfg.load_model_path else None
+        decided = with_weights_settings(cfg, held["weights"]) if (cfg.predict or not cfg.train) else cfg
+        if decided.predict:
+            if decided.predict_json:
+                check_writable("--predict_json", Path(decided.predict_json))
+            return Decision(decided, cfg, predict_paths=tuple(image_paths(decided.predict)))
+        if decided.train:
+            check_logger(decided.logger)
+        micro_batch_size(decided.batch_size, accelerator.num_processes, decided.grad_accum_steps)
+        data = held["data"] = load_data(decided, accelerator.device, writer=True)
+        stream = data.train.images is None
+        use_cuda_graphs(decided, accelerator, streaming=stream)
+        if held["weights"] is not None:
+            check_architecture(held["weights"], {"groups": decided.groups, "num_classes": len(data.classes)},
+                               decided.load_model_path)
+        if not decided.train:
+            if data.test is None and data.val is None:
+                raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
+            return Decision(decided, cfg, stream)
+        return Decision(decided, cfg, stream, **training_paths(decided, data))
+
+    def on_every_rank(decision: Decision) -> Plan:
+        check_same_flags(cfg, decision.asked, accelerator.process_index)
+        run_cfg = decision.cfg
+        weights = held.get("weights") if "weights" in held else (
+            read_weights(run_cfg.load_model_path) if run_cfg.load_model_path else None)
+        if run_cfg.predict:
+            return Plan(run_cfg, None, 0, False, "", None, None, None, None, weights, decision.predict_paths)
+        data = held.get("data") or load_data(run_cfg, accelerator.device, writer=False, stream=decision.stream)
+        graphs = run_cfg.train and use_cuda_graphs(run_cfg, accelerator, streaming=decision.stream)
+        micro_batch = micro_batch_size(run_cfg.batch_size, accelerator.num_processes, run_cfg.grad_accum_steps)
+        return Plan(run_cfg, data, micro_batch, graphs, decision.stamp, decision.run_dir, decision.save_path,
+                    decision.resume_from, decision.state, weights)
+
+    return agreed(accelerator, on_main, on_every_rank)
+
+
+def check_same_flags(mine: Config, main: Config, rank: int):
+    """Every process must be launched with the same flags (on every node): a mismatch stops them all."""
+    differences = [f"--{name} {value!r} here, {getattr(main, name)!r} on the main process"
+                   for name, value in mine.to_dict().items() if value != getattr(main, name)]
+    if differences:
+        raise UsageError(f"process {rank} was launched with other flags than the main process ({'; '.join(differences)}): "
+                         "give every node the same command")
+
+
+def training_paths(cfg: Config, data: Data) -> dict:
+    """The checkpoint to resume (checked against this run), the run folder and the weights path."""
+    resume_from, state = choose(cfg, data) if cfg.resume else (None, None)
+    stamp = state["stamp"] if state else time.strftime("%Y%m%d-%H%M%S")
+    run_dir = resume_from.parent.parent if state else new_run_dir(cfg, stamp)
+    save_path = Path(cfg.save.format(time=stamp))
+    check_writable("--save", save_path)
+    return {"stamp": stamp, "run_dir": run_dir, "save_path": save_path, "resume_from": resume_from, "state": state}
+
+
+def new_run_dir(cfg: Config, stamp: str) -> Path:
+    if cfg.run_dir is not None:
+        if Path(cfg.run_dir).exists():
+            raise UsageError(f"--run_dir {cfg.run_dir} already exists: pick a new folder, or continue it with --resume latest")
+        return Path(cfg.run_dir)
+    base = Path("runs") / f"{stamp}_{cfg.run_name or 'alexnet'}"
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
+def with_weights_settings(cfg: Config, weights: dict) -> Config:
+    """Evaluation and predictions use the network and preprocessing the weights were trained with."""
+    trained = weights["config"] or {}
+    settings = {key: tuple(trained[key]) for key in ("resize", "random_crop", "mean", "std") if key in trained}
+    return dataclasses.replace(cfg, groups=weights["architecture"]["groups"], **settings)

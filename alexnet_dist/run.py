@@ -1,0 +1,240 @@
+"""A training run around its trainer: run folder, tracker, checkpoints, best accuracy, stop signals,
+and the final report.
+
+    with Run(plan, accelerator, trainer) as run:
+        for epoch in run.epochs():
+            for step_in_epoch in trainer.steps(epoch, run.first_step(epoch)):
+                run.after_step(epoch, step_in_epoch)
+            run.end_epoch(epoch)
+        model = run.finish()
+
+`after_step` and `end_epoch` save checkpoints when due and raise RunStopped (after saving) when a
+stop signal arrived or a loss became non-finite; every rank calls them at the same points.
+"""
+
+import json
+import sys
+import time
+
+from . import __version__, dashboard
+from .checkpoint import Checkpoints, complete_checkpoints, save_weights
+from .clock import clock
+from .engine import TTA_VIEWS, Evaluator, accuracy, per_class_accuracy
+from .loaders import check_readable
+from .resume import restore, resume_command, truncate_metrics
+from .runtime import RunStopped, StopSignals, breakdown, device_name
+from .tracking import Tracker
+
+
+def print_accuracy(print_, title: str, confusion, classes):
+    total = int(confusion.sum())
+    print_(f"{title} accuracy {100 * accuracy(confusion):.2f}% ({int(confusion.diagonal().sum())}/{total} images)")
+    width = max(len(name) for name in classes)
+    for name, value, count in zip(classes, per_class_accuracy(confusion), confusion.sum(dim=1).tolist()):
+        print_(f"  {name:<{width}}  {100 * value:6.2f}%  ({count} images)")
+
+
+class Run:
+    def __init__(self, plan, accelerator, trainer):
+        self.plan, self.cfg, self.accelerator, self.trainer = plan, plan.cfg, accelerator, trainer
+        self.print = accelerator.print
+        self.config = plan.cfg.to_dict()
+        self.data, self.run_dir = plan.data, plan.run_dir
+        with clock.part("data"):
+            self.val_loader = trainer.make_loader(plan.data.val) if plan.data.val is not None else None
+        self.evaluator = Evaluator(accelerator, trainer.model, len(plan.data.classes), 2 * plan.micro_batch,
+                                   trainer.average)
+        self.checkpoints = Checkpoints(accelerator, plan.run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        accelerator.register_for_checkpointing(trainer.scheduler, *([trainer.average] if trainer.average else []))
+        self.best, self.start_epoch, self.start_step = None, 0, 0
+        if plan.state:
+            self._resume()
+        elif accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        self.tracker = Tracker(accelerator, self.cfg, self.run_dir, {
+            **self.config, "num_processes": accelerator.num_processes, "precision": accelerator.mixed_precision,
+            "version": __version__, "device_name": device_name(accelerator.device)}, resume=bool(plan.state))
+        self._print_start()
+        self.stop = StopSignals(accelerator)
+        self.started = self.saved_at = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.stop.restore()
+        return False
+
+    def _resume(self):
+        state = self.plan.state
+        self.checkpoints.clean(newer_than=state["global_step"])
+        restore(self.accelerator, self.trainer, self.plan.resume_from, state, self.cfg)
+        self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+        self.best = state.get("best_val_accuracy")
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.trainer.global_step)
+
+    def _print_start(self):
+        cfg, accelerator, data = self.cfg, self.accelerator, self.data
+        self.print("configuration: " + " ".join(f"{name}={value}" for name, value in self.config.items()))
+        self.print(f"{breakdown(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)}; "
+                   f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
+                   f"{', CUDA graphs' if self.trainer.graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
+                   f"{len(data.train)} training / {len(data.val) if data.val else 0} validation images, "
+                   f"{self.trainer.loader.steps_per_epoch} steps per epoch; run directory {self.run_dir}")
+        if self.plan.state:
+            self.print(f"resumed from {self.plan.resume_from}: epoch {self.start_epoch + 1}, step {self.start_step} "
+                       f"of it, optimizer step {self.trainer.global_step}")
+
+    def epochs(self) -> range:
+        return range(self.start_epoch, self.cfg.num_epochs)
+
+    def first_step(self, epoch: int) -> int:
+        return self.start_step if epoch == self.start_epoch else 0
+
+    # ------------------------------------------------------------ during an epoch
+
+    def after_step(self, epoch: int, step_in_epoch: int):
+        """Log points, mid-epoch checkpoints and stops; at an epoch's last step the epoch ends normally first."""
+        trainer, cfg = self.trainer, self.cfg
+        if trainer.global_step % cfg.log_freq == 0:
+            with clock.part("tracking"):
+                self.tracker.log(trainer.log_point(), step=trainer.global_step)
+        if step_in_epoch == trainer.loader.steps_per_epoch:
+            return
+        nonfinite_now = (trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite
+                         and trainer.nonfinite()[0] is not None)
+        stop, due = self.stop.poll(trainer.global_step, self._checkpoint_due())
+        if cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0 or due and not stop:
+            self.save(epoch, step_in_epoch)
+        if nonfinite_now or stop:
+            self._stopped(self.save(epoch, step_in_epoch))  # save() names a non-finite step and stops first
+
+    def end_epoch(self, epoch: int):
+        trainer, cfg = self.trainer, self.cfg
+        check_readable(self.accelerator, trainer.loader)
+        self.stop_if_nonfinite()
+        stats = trainer.epoch_stats
+        values = {"Accuracy/Train": stats["train_accuracy"], "Loss/Epoch": stats["train_loss"],
+                  "images_per_second": stats["images_per_second"], "epoch_seconds": stats["epoch_seconds"],
+                  "epoch": epoch + 1, "lr": trainer.lr}
+        if self.val_loader is not None:
+            with clock.part("validation"):  # the centre crop: every test-time mode only at the end
+                for (weights, _), confusion in self.evaluator(self.val_loader, ("none",)).items():
+                    values["Accuracy/Validation" + ("_EMA" if weights == "ema" else "")] = accuracy(confusion)
+            check_readable(self.accelerator, self.val_loader)
+        val_accuracy = values.get("Accuracy/Validation")
+        if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
+            self.best = val_accuracy
+        trainer.end_of_epoch(val_accuracy, stats["train_accuracy"])
+        _, nonfinite = trainer.nonfinite()
+        if nonfinite:
+            values["nonfinite_losses"] = nonfinite
+        last = epoch + 1 == cfg.num_epochs
+        with clock.part("tracking"):
+            self.tracker.log(values, step=trainer.global_step)
+            self.tracker.epoch_done(last=last)
+        self._print_epoch(epoch, stats, values, nonfinite)
+        stop, due = self.stop.agree(self._checkpoint_due())
+        if last or stop or due or cfg.checkpoint_minutes == 0:
+            path = self.save(epoch + 1, 0, val_accuracy)
+            if stop and not last:
+                self._stopped(path)
+
+    def _print_epoch(self, epoch, stats, values, nonfinite):
+        validation = "".join(f", {name.split('/')[1].replace('_', ' ').lower()} accuracy {100 * value:.2f}%"
+                             for name, value in values.items() if name.startswith("Accuracy/Validation"))
+        skipped = f", {nonfinite} non-finite losses skipped so far" if nonfinite and self.cfg.skip_nonfinite else ""
+        self.print(f"epoch {epoch + 1}/{self.cfg.num_epochs}: loss {stats['train_loss']:.4f}, train accuracy "
+                   f"{100 * stats['train_accuracy']:.2f}%{validation}, {stats['images_per_second']:,.0f} images/s, "
+                   f"{stats['epoch_seconds']:.1f} s{skipped}")
+
+    # ------------------------------------------------------------ checkpoints and stops
+
+    def stop_if_nonfinite(self):
+        first_bad, _ = self.trainer.nonfinite()
+        if first_bad is not None and not self.cfg.skip_nonfinite:
+            saved = complete_checkpoints(self.checkpoints.folder)
+            epoch = (first_bad - 1) // self.trainer.loader.steps_per_epoch + 1
+            raise RunStopped(f"the loss became non-finite at optimizer step {first_bad} (epoch {epoch}); stopped "
+                             f"without saving; the last good checkpoint is {saved[-1] if saved else 'none (no checkpoint yet)'} "
+                             "(--skip_nonfinite skips such steps instead)", 1)
+
+    def _checkpoint_due(self) -> bool:
+        minutes = self.cfg.checkpoint_minutes
+        return minutes > 0 and time.perf_counter() - self.saved_at >= 60 * minutes
+
+    def save(self, epoch: int, step_in_epoch: int, val_accuracy=None):
+        self.stop_if_nonfinite()
+        with clock.part("checkpoints"):
+            path = self.checkpoints.save({
+                "global_step": self.trainer.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "val_accuracy": val_accuracy, "best_val_accuracy": self.best, "config": self.config,
+                "classes": self.data.classes, "num_train": len(self.data.train), "stamp": self.plan.stamp})
+        self.saved_at = time.perf_counter()
+        return path
+
+    def _stopped(self, path):
+        raise RunStopped(f"stopped by {self.stop.name()} after optimizer step {self.trainer.global_step}; checkpoint "
+                         f"{path}; continue with the same launcher and: {resume_command(sys.argv, path)}",
+                         128 + int(self.stop.received))
+
+    # ------------------------------------------------------------ the end
+
+    def finish(self):
+        """Save the final weights; validation accuracy in every test-time mode; test accuracy; end the tracker."""
+        train_seconds = time.perf_counter() - self.started
+        self.print(f"trained {self.cfg.num_epochs - self.start_epoch} epochs in {train_seconds:.1f} s")
+        self.accelerator.wait_for_everyone()
+        unwrapped = self.accelerator.unwrap_model(self.trainer.model, keep_torch_compile=False)
+        with clock.part("checkpoints"):
+            self._save_weights(unwrapped)
+        summary = {"train_seconds": train_seconds}
+        with clock.part("final"):
+            final = self.evaluator(self.val_loader, tuple(TTA_VIEWS)) if self.val_loader is not None else {}
+            for (weights, mode), confusion in final.items():
+                name = f"Accuracy/Validation_final{'_EMA' if weights == 'ema' else ''}/tta_{mode}"
+                summary[name] = accuracy(confusion)
+                self.print(f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
+                           f"tta {mode}: {100 * summary[name]:.2f}%")
+            test_loader, test_confusion = self._test(summary)
+            split, loader, confusion = (("test", test_loader, test_confusion) if test_confusion is not None else
+                                        ("validation", self.val_loader, final.get(("model", self.cfg.tta))))
+            gallery = None
+            if self.accelerator.is_main_process and self.cfg.logger != "none" and confusion is not None:
+                gallery = dashboard.gallery(unwrapped, loader, self.accelerator, self.data.classes, self.cfg.tta,
+                                            confusion, self.run_dir, self.cfg.seed)
+        with clock.part("tracking"):
+            times, table = clock.report()
+            self.print(table)
+            self.tracker.log({**summary, **times}, step=self.trainer.global_step)
+            self.tracker.finish(confusion, self.data.classes, self.plan.save_path, self.trainer.global_step, gallery, split)
+        return unwrapped
+
+    def _save_weights(self, unwrapped):
+        save_path, main = self.plan.save_path, self.accelerator.is_main_process
+        if main:
+            save_weights(save_path, unwrapped, self.config, self.data.classes)
+        self.print(f"saved the final weights to {save_path}")
+        if self.trainer.average is not None:
+            average_path = save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}")
+            with self.trainer.average.swapped_in():
+                if main:
+                    save_weights(average_path, unwrapped, self.config, self.data.classes)
+            self.print(f"saved the averaged weights to {average_path}")
+
+    def _test(self, summary: dict) -> tuple:
+        """Test accuracy (and of the average) in the chosen test-time mode: (loader, the model's confusion matrix)."""
+        if self.data.test is None:
+            self.print(self.data.test_note)
+            return None, None
+        with clock.part("data"):
+            test_loader, test_confusion = self.trainer.make_loader(self.data.test), None
+        for (weights, _), confusion in self.evaluator(test_loader, (self.cfg.tta,)).items():
+            label = "test" if weights == "model" else "test, averaged weights,"
+            print_accuracy(self.print, f"{label} (tta {self.cfg.tta})", confusion, self.data.classes)
+            summary["Accuracy/Test" + ("_EMA" if weights == "ema" else "")] = accuracy(confusion)
+            test_confusion = confusion if weights == "model" else test_confusion
+        check_readable(self.accelerator, test_loader)
+        return test_loader, test_confusion
