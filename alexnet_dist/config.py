@@ -185,10 +185,11 @@ class Config:
     data_dir: str = flag("data", "where the data set lives", _text, learned=True)
     cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)", _optional_path)
     flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)", _bool, learned=True)
-    translate: int = flag(0, "extra random shift in pixels beyond the resize-crop margin, borders mirrored", number(int, low=0), learned=True)
+    translate: int = flag(8, "extra random shift in pixels beyond the resize-crop margin, borders mirrored", number(int, low=0), learned=True)
     pca_color: float = flag(0.0, "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)", number(float, low=0.0), learned=True)
     cutout: int = flag(0, "side of a random square set to the mean colour in each training crop (0: off)", number(int, low=0), learned=True)
-    tta: str = flag("none", "test-time views, softmax averaged: none, flip (centre + mirror) or ten (the paper's)", choice("none", "flip", "ten"))
+    tta: str = flag("ten", "test-time views of the final evaluation, softmax averaged: none (centre crop), flip (centre + "
+                    "mirror) or ten (the paper's corners and centre, mirrored)", choice("none", "flip", "ten"))
     loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)",
                        choice("auto", "device", "stream"))
     num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)",
@@ -212,8 +213,8 @@ class Config:
                         choice("false", "true", "max-autotune", lower=True))
     cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation, not fp16, "
                             "not streamed), true, false", choice("auto", "true", "false", lower=True))
-    init: str = flag("pytorch", "initial weights: pytorch (default init), paper (N(0, 0.01), some biases 1) or kaiming (He et al. 2015)",
-                     choice("pytorch", "paper", "kaiming"))
+    init: str = flag("kaiming", "initial weights: kaiming (He et al. 2015), pytorch (PyTorch's default) or paper (N(0, 0.01), some biases 1)",
+                     choice("kaiming", "pytorch", "paper"))
     # tracking and outputs
     project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)", _text)
     run_name: str | None = flag(None, "name of the run (default: the run directory's name)", _optional_path)

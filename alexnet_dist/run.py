@@ -106,10 +106,10 @@ class Run:
         nonfinite_now = (trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite
                          and trainer.nonfinite()[0] is not None)
         stop, due = self.stop.poll(trainer.global_step, self._checkpoint_due())
-        if cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0 or due and not stop:
-            self.save(epoch, step_in_epoch)
         if nonfinite_now or stop:
             self._stopped(self.save(epoch, step_in_epoch))  # save() names a non-finite step and stops first
+        if due or cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0:
+            self.save(epoch, step_in_epoch)
 
     def end_epoch(self, epoch: int):
         trainer, cfg = self.trainer, self.cfg

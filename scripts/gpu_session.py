@@ -200,6 +200,7 @@ def run_figures(run_dir: Path, log_path: Path) -> dict:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         final = {k: v for row in rows for k, v in row.items() if k.startswith(("Accuracy/Validation_final", "Accuracy/Test"))}
         figures["final"] = final
+        figures["time_breakdown"] = {k: v for row in rows for k, v in row.items() if k.startswith("time/")}
         validation = {k: v for k, v in final.items() if k.startswith("Accuracy/Validation_final")}
         if validation:
             figures["best_key"], figures["score"] = max(validation.items(), key=lambda item: item[1])

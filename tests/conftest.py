@@ -10,8 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
-# a fake-data run of a few optimizer steps: 180 training images, batch 32
-QUICK = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--batch_size", "32", "--fraction_of_data", "0.2"]
+# a fake-data run of a few optimizer steps: 180 training images, batch 32, the centre crop at test time
+QUICK = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--batch_size", "32", "--fraction_of_data", "0.2",
+         "--tta", "none"]
 
 
 def cli_env(**extra) -> dict:

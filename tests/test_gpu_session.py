@@ -37,6 +37,8 @@ def test_smoke_rehearsal_reports_every_stage(tmp_path):
     assert command["status"] == "ok" and "launch launch/train.py" in command["command"]
     assert "--logger wandb" in command["command"]  # wandb imports here: W&B offline, as a user runs it
     assert 0 < command["train_seconds"] < command["seconds"]
+    breakdown = command["time_breakdown"]  # the run's own account of the whole command's time
+    assert 0 < breakdown["time/training"] < breakdown["time/total"] <= command["seconds"]
     assert set(command["final"]) >= {"Accuracy/Validation_final/tta_none", "Accuracy/Test"}
 
 

@@ -30,7 +30,8 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
     trained = re.search(r"test \(tta none\) accuracy ([\d.]+)%", result.stdout).group(1)
 
-    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "out/model.pth"], cwd=tmp_path)
+    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "out/model.pth", "--tta", "none"],
+                         cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
     assert re.search(r"test \(tta none\) accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
     assert "pattern9" in evaluation.stdout  # per-class lines
@@ -101,12 +102,14 @@ def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan(tmp_path):
 def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_path):
     """--compile true: the weights file has the plain network's names (no torch.compile prefix), so evaluation
     and predictions load it; a checkpoint of the compiled run resumes, compiled or not."""
-    flags = QUICK + ["--compile", "true", "--mixed_precision", "no", "--checkpoint_minutes", "0", "--run_dir", "run"]
+    flags = QUICK + ["--compile", "true", "--mixed_precision", "no", "--checkpoint_minutes", "0", "--schedule", "plateau",
+                     "--run_dir", "run"]
     trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     state_dict = read_weights(tmp_path / "model.pth")["state_dict"]
     assert "features.0.weight" in state_dict and not any("_orig_mod" in name for name in state_dict)
-    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "model.pth"], cwd=tmp_path)
+    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "model.pth", "--tta", "none"],
+                         cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
     printed = r"test \(tta none\) accuracy ([\d.]+)%"
     assert re.search(printed, evaluation.stdout).group(1) == re.search(printed, trained.stdout).group(1)
@@ -124,3 +127,15 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
                            "--save", "again.pth"], cwd=folder)
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from run/checkpoints/step-0000005" in resumed.stdout
+
+
+def test_the_default_smoke_run_learns(tmp_path):
+    """The README's smoke run, with every training default: six epochs of generated data (3 optimizer steps each)
+    take the loss well below ln(10) = 2.303, where a network that has not started learning sits, and the validation
+    accuracy well above chance (10%)."""
+    result = run_cli(["--dataset", "fake", "--num_epochs", "6", "--logger", "none", "--tta", "none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    epochs = re.findall(r"epoch \d/6: loss ([\d.]+), train accuracy [\d.]+%, validation accuracy ([\d.]+)%", result.stdout)
+    losses, accuracies = [float(loss) for loss, _ in epochs], [float(accuracy) for _, accuracy in epochs]
+    assert len(losses) == 6 and losses[-1] < 1.9 and losses[-1] < losses[0]
+    assert accuracies[-1] > 40.0
