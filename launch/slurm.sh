@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Example SLURM job: one `accelerate launch` per node, every node pointed at the head node.
+# Example SLURM job: one torchrun per node, the nodes meeting at the head node (c10d rendezvous).
 #   sbatch launch/slurm.sh --num_epochs 25            (flags after the script go to train.py)
+#   MASTER_PORT=29600 sbatch launch/slurm.sh ...      (the rendezvous port, if the default is taken)
 # Adjust the #SBATCH lines to your cluster; the global batch stays --batch_size (default 256)
 # whatever the number of nodes and GPUs, so the results do not change with the allocation.
+# torchrun starts one process per GPU and Accelerate picks them up as they are (on CPU-only nodes,
+# one process per node); runs/ and the data folder must be on a file system every node sees.
 #SBATCH --job-name=alexnet-dist
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1          # one launcher per node; it starts one process per GPU
@@ -12,12 +15,20 @@
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
 
-export HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export NUM_PROCESSES=$((SLURM_NNODES * ${SLURM_GPUS_ON_NODE:-8}))
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# a port per job, so that two jobs whose head node is the same machine do not meet at one rendezvous
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export WANDB_MODE=${WANDB_MODE:-offline}   # compute nodes often have no network: wandb sync afterwards
 
-# single quotes: SLURM_NODEID is read on each node, and "$@" keeps every flag intact
-srun --kill-on-bad-exit=1 bash -c 'accelerate launch --multi_gpu --mixed_precision bf16 \
-    --num_machines "$SLURM_NNODES" --num_processes "$NUM_PROCESSES" --machine_rank "$SLURM_NODEID" \
-    --main_process_ip "$HEAD_NODE" --main_process_port 29500 --rdzv_backend static --same_network \
-    launch/train.py "$@"' _ "$@"
+# Something already listening on the port would keep the other nodes' launchers waiting for its
+# answer for ever (torch's store client has no timeout there): refuse before any node starts.
+if timeout 10 bash -c "exec 3<>/dev/tcp/$HEAD_NODE/$MASTER_PORT" 2>/dev/null; then
+    echo "error: port $MASTER_PORT on $HEAD_NODE is already taken: submit again with MASTER_PORT set to a free port" >&2
+    exit 1
+fi
+
+# c10d: every node runs the same command; if a node has not joined within join_timeout (600 s), the
+# others stop with RendezvousTimeoutError. --kill-on-bad-exit ends the job when any launcher fails.
+srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "${SLURM_GPUS_ON_NODE:-1}" \
+    --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    launch/train.py "$@"

@@ -1,0 +1,218 @@
+"""Two "nodes" on this machine: two torchrun launchers meeting over c10d on 127.0.0.1, or
+launch/slurm.sh under a stand-in srun. They train exactly as one process does, and the usual
+multi-node failures (a node that never comes, a taken port, other flags) stop with a clear message
+within a bounded time instead of hanging.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet_dist.checkpoint import read_weights
+from conftest import QUICK, ROOT, TRAIN, cli_env
+
+HELPER = ROOT / "tests" / "rank_weights.py"
+# dropout and random augmentation off: every launch takes the same 5 optimizer steps (fp32)
+SAME_STEPS = QUICK + ["--dropout", "0", "--flip=False", "--resize", "64", "--random_crop", "64", "--init", "kaiming",
+                      "--mixed_precision", "no", "--save", "model.pth"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+LIMIT = 240  # seconds for any launch here; a training run takes ~25 s on 2 busy cores
+
+STAND_IN_SRUN = """#!/usr/bin/env bash
+# stand-in srun: one task per node, all on this machine, each with the variables SLURM gives it
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 SLURM_NTASKS=$SLURM_NNODES "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+STAND_IN_SCONTROL = """#!/usr/bin/env bash
+# stand-in scontrol: every node of the job is this machine
+[[ "$1 $2" == "show hostnames" ]] && printf '127.0.0.1\\n127.0.0.1\\n'
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node(port: int, is_host: bool, script, args, join_timeout: int = 120) -> list:
+    """The README's per-node command: is_host=1 on the head node makes a taken port fail there at once."""
+    return [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"job{port}",
+            "--rdzv_conf", f"join_timeout={join_timeout},is_host={int(is_host)}", script, *args]
+
+
+def start(command, cwd: Path, log: Path, env=None) -> tuple:
+    """`command` in its own process group (a kill then reaches torchrun's workers too), output into `log`."""
+    with open(log, "w") as output:
+        process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env or cli_env(), stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return process, log
+
+
+def finish(launched: list, timeout: float = LIMIT) -> list:
+    """(exit status, output) of each launch once all have ended; past `timeout`, kill all and fail with their output."""
+    deadline = time.monotonic() + timeout
+    for process, _ in launched:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            for other, _ in launched:
+                kill(other)
+            pytest.fail(f"still running after {timeout} s, killed:\n" + "\n".join(log.read_text() for _, log in launched))
+    return [(process.returncode, log.read_text()) for process, log in launched]
+
+
+def kill(process: subprocess.Popen):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def check_succeeded(results: list):
+    for status, output in results:
+        assert status == 0, output
+
+
+def assert_same_training(weights: dict, reference: dict, name: str):
+    for key, tensor in weights.items():
+        assert torch.allclose(tensor, reference[key], rtol=1e-4, atol=1e-6), (name, key)
+
+
+def assert_one_run_written(folder: Path):
+    """The main process alone wrote the run folder and the weights; each rank's RNG state is in its checkpoint."""
+    assert len(list((folder / "runs").iterdir())) == 1
+    run = next((folder / "runs").iterdir())
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step-0000005"]
+    states = sorted(path.name for path in (run / "checkpoints" / "step-0000005").glob("random_states_*"))
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert (folder / "model.pth").is_file()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The weights one process reaches with SAME_STEPS, the reference for every launch below."""
+    folder = tmp_path_factory.mktemp("one_process")
+    [(status, output)] = finish([start([sys.executable, HELPER, folder, *SAME_STEPS], folder, folder / "log")])
+    assert status == 0, output
+    weights = torch.load(folder / "rank0.pt")
+    shutil.rmtree(folder)  # ~0.5 GB of weights and checkpoints
+    return weights
+
+
+def test_two_nodes_learn_what_one_process_and_two_processes_learn(tmp_path, one_process):
+    """Node 0 and node 1 in one folder (as on a shared file system): the same weights as 1 x 32 and 2 x 16 on one node."""
+    standalone = tmp_path / "standalone"
+    standalone.mkdir()
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", HELPER, standalone, *SAME_STEPS]
+    check_succeeded(finish([start(command, standalone, tmp_path / "standalone.log")]))
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    port = free_port()
+    results = finish([start(node(port, number == 0, HELPER, [nodes, *SAME_STEPS]), nodes, tmp_path / f"node{number}.log")
+                      for number in (0, 1)])
+    check_succeeded(results)
+    assert "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in results[0][1]
+    rank0, rank1 = (torch.load(nodes / f"rank{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)  # DDP kept both nodes' copies equal
+    assert_same_training(rank0, one_process, "two nodes")
+    assert_same_training(torch.load(standalone / "rank0.pt"), one_process, "two processes")
+    assert_one_run_written(nodes)
+
+
+def slurm_env(bin_folder: Path, port: int) -> dict:
+    """What sbatch gives the batch script for a 2-node job, with the stand-ins first on the PATH."""
+    bin_folder.mkdir()
+    for name, text in (("srun", STAND_IN_SRUN), ("scontrol", STAND_IN_SCONTROL)):
+        (bin_folder / name).write_text(text)
+        (bin_folder / name).chmod(0o755)
+    path = os.pathsep.join([str(bin_folder), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = cli_env(PATH=path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2",
+                  SLURM_NODEID="0", SLURM_PROCID="0", MASTER_PORT=str(port))
+    env.pop("SLURM_GPUS_ON_NODE", None)  # CPU-only "nodes": one process each
+    return env
+
+
+def submit_folder(tmp_path: Path) -> Path:
+    """sbatch runs the script from the submission folder: here a folder whose launch/ is the repository's."""
+    folder = tmp_path / "submitted"
+    folder.mkdir()
+    (folder / "launch").symlink_to(ROOT / "launch")
+    return folder
+
+
+def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
+    folder, port = submit_folder(tmp_path), free_port()
+    env = slurm_env(tmp_path / "bin", port)
+    [(status, output)] = finish([start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS], folder,
+                                       tmp_path / "slurm.log", env)])
+    assert status == 0, output
+    breakdown = "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch"
+    assert output.count(breakdown) == 2  # the first process of each node prints the progress
+    assert_same_training(read_weights(folder / "model.pth")["state_dict"], one_process, "slurm.sh")
+    assert_one_run_written(folder)
+
+
+def test_a_node_that_never_comes_stops_the_one_waiting_after_the_join_timeout(tmp_path):
+    began = time.monotonic()
+    [(status, output)] = finish([start(node(free_port(), True, TRAIN, QUICK, join_timeout=15), tmp_path,
+                                       tmp_path / "node0.log")], timeout=120)
+    assert status != 0 and output.rstrip().endswith("torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError")
+    assert time.monotonic() - began < 90
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_taken_port_stops_the_head_node_at_once(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        [(status, output)] = finish([start(node(port, True, TRAIN, QUICK), tmp_path, tmp_path / "node0.log")],
+                                    timeout=120)
+    assert status != 0 and time.monotonic() - began < 60
+    assert f"port: {port}" in output and "EADDRINUSE" in output
+    assert "RendezvousConnectionError: The connection to the C10d store has failed" in output
+
+
+def test_slurm_script_refuses_a_taken_port_before_starting_any_node(tmp_path):
+    folder = submit_folder(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        [(status, output)] = finish([start(["bash", ROOT / "launch" / "slurm.sh", *QUICK], folder, tmp_path / "slurm.log",
+                                           slurm_env(tmp_path / "bin", port))], timeout=60)
+    assert status == 1
+    assert output == (f"error: port {port} on 127.0.0.1 is already taken: submit again with MASTER_PORT set to a "
+                      "free port\n")
+
+
+def test_nodes_launched_with_other_flags_stop_together_with_one_message(tmp_path):
+    """Preflight compares every rank's flags with the main process's; both nodes stop, the main process says why."""
+    other = [value if value != "32" else "64" for value in QUICK]  # --batch_size 64 on one node
+    port = free_port()
+    began = time.monotonic()
+    results = finish([start(node(port, number == 0, TRAIN, flags), tmp_path, tmp_path / f"node{number}.log")
+                      for number, flags in ((0, QUICK), (1, other))], timeout=180)
+    assert all(status != 0 for status, _ in results) and time.monotonic() - began < 120
+    output = "".join(output for _, output in results)
+    message = ("error: process 1 was launched with other flags than the main process (--batch_size {} here, {} on "
+               "the main process): give every node the same command")
+    assert output.count(message.format(64, 32)) + output.count(message.format(32, 64)) == 1, output
+    assert len(re.findall(r"exitcode\s*: 2 ", output)) == 2  # each launcher reports its process's usage-error status
+    assert not (tmp_path / "runs").exists()
