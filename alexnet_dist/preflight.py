@@ -16,6 +16,7 @@ from .checkpoint import check_architecture, read_weights
 from .config import Config, UsageError
 from .data import Data, load_data
 from .files import check_writable
+from .loaders import streams
 from .predict import image_paths
 from .resume import choose
 from .runtime import agreed, micro_batch_size
@@ -67,7 +68,7 @@ def preflight(cfg: Config, accelerator) -> Plan:
             check_logger(decided.logger)
         micro_batch_size(decided.batch_size, accelerator.num_processes, decided.grad_accum_steps)
         data = held["data"] = load_data(decided, accelerator.device, writer=True)
-        stream = data.train.images is None
+        stream = streams(data.train, decided)  # --loader stream streams images in memory too
         use_cuda_graphs(decided, accelerator, streaming=stream)
         if held["weights"] is not None:
             check_architecture(held["weights"], {"groups": decided.groups, "num_classes": len(data.classes)},

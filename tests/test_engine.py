@@ -7,32 +7,77 @@ from accelerate import Accelerator
 from alexnet_dist.cli import parse_flags
 from alexnet_dist.config import UsageError
 from alexnet_dist.data import ImageSet
-from alexnet_dist.engine import WeightAverage, accuracy, evaluate, lr_factor
+from alexnet_dist.engine import TTA_VIEWS, WeightAverage, evaluate, lr_factor
 from alexnet_dist.loaders import DeviceLoader
 from alexnet_dist.transforms import Augmentation, draw_plan
 
 
-class ByBrightness(torch.nn.Module):
-    """A 'model' whose logits depend on the mean brightness of the left or right half of the view."""
+class ByRegions(torch.nn.Module):
+    """A 'model' whose logits are a fixed linear map of the view's mean colour in each cell of a 3 x 3 grid:
+    every crop position and its mirror image give other logits, computable by hand."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.weight = torch.randn(num_classes, 27, generator=torch.Generator().manual_seed(1)) * 4
 
     def forward(self, images):
-        left, right = images[..., : images.shape[-1] // 2].mean(dim=(1, 2, 3)), images[..., images.shape[-1] // 2:].mean(dim=(1, 2, 3))
-        return torch.stack([left - right, right - left], dim=1)
+        cells = torch.nn.functional.adaptive_avg_pool2d(images, 3).flatten(1)
+        return cells @ self.weight.T
 
 
-def test_evaluation_modes_count_every_image_once():
-    torch.manual_seed(0)
-    images = torch.randint(0, 256, (37, 3, 12, 12), dtype=torch.uint8)
-    labels = torch.randint(0, 2, (37,))
-    augmentation = Augmentation((8, 8), (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
-    loader = DeviceLoader(ImageSet(labels, images), augmentation, torch.device("cpu"), (12, 12), 8, 8, 0, 1,
-                          partial(draw_plan, 37, (12, 12), (8, 8), True, 0))
-    results = evaluate(ByBrightness(), loader, Accelerator(cpu=True), 2, batch_size=5, modes=("none", "flip", "ten"))
-    assert all(int(confusion.sum()) == 37 for confusion in results.values())
-    logits = ByBrightness()(next(augmentation.views(images, 1)))
-    expected = (logits.argmax(dim=1) == labels).float().mean().item()
-    assert accuracy(results["none"]) == pytest.approx(expected)
-    assert accuracy(results["flip"]) != accuracy(results["none"])  # mirroring swaps halves: a real second view
+def hand_cut_views(images, crop, mean, std) -> list:
+    """The paper's ten views cut by slicing: the centre, then the four corners, each followed by its mirror."""
+    (height, width), (h, w) = images.shape[-2:], crop
+    corners = [((height - h) // 2, (width - w) // 2), (0, 0), (0, width - w), (height - h, 0), (height - h, width - w)]
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    views = []
+    for top, left in corners:
+        view = (images[:, :, top:top + h, left:left + w].float() / 255 - mean) / std
+        views += [view, view.flip(-1)]
+    return views
+
+
+def averaged(model, views, used: int):
+    return sum(torch.softmax(model(view), dim=1) for view in views[:used]) / used
+
+
+def margins(probabilities):
+    """How far each image's top class is ahead of the second."""
+    top2 = probabilities.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def clear_cut_images(model, count: int, crop, mean, std):
+    """`count` blocky 12 x 14 images whose predictions in every mode are far from a tie, so that float rounding
+    (the loader normalises with a multiply-add, the hand-cut views with a division) decides none of them."""
+    blocks = torch.randint(0, 256, (8 * count, 3, 4, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    candidates = blocks.repeat_interleave(3, dim=2).repeat_interleave(2, dim=3)
+    views = hand_cut_views(candidates, crop, mean, std)
+    clear = torch.stack([margins(averaged(model, views, used)) > 1e-2 for used in TTA_VIEWS.values()]).all(dim=0)
+    assert int(clear.sum()) >= count
+    return candidates[clear][:count]
+
+
+def test_evaluation_modes_average_the_right_views_and_count_every_image_once():
+    """Image i has label i, so the confusion matrix of each mode spells out every image's prediction."""
+    count, crop, mean, std = 37, (8, 8), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    model = ByRegions(count)
+    images = clear_cut_images(model, count, crop, mean, std)
+    labels = torch.arange(count)
+    augmentation = Augmentation(crop, mean, std, torch.device("cpu"), channels_last=False)
+    loader = DeviceLoader(ImageSet(labels, images), augmentation, torch.device("cpu"), (12, 14), 8, 8, 0, 1,
+                          partial(draw_plan, count, (12, 14), crop, True, 0))
+    results = evaluate(model, loader, Accelerator(cpu=True), count, batch_size=5, modes=("none", "flip", "ten"))
+    views = hand_cut_views(images, crop, mean, std)
+    expected = {}
+    for mode, used in TTA_VIEWS.items():
+        expected[mode] = averaged(model, views, used).argmax(dim=1)
+    for mode, predictions in expected.items():
+        confusion = torch.zeros(count, count, dtype=torch.int64)
+        confusion[labels, predictions] = 1
+        assert torch.equal(results[mode], confusion), mode
+    # the modes really differ here, so a mode that used other views (or fewer) would be caught above
+    assert not torch.equal(expected["none"], expected["flip"]) and not torch.equal(expected["flip"], expected["ten"])
 
 
 def test_weight_average_tracks_and_swaps_back():

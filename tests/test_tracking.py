@@ -142,8 +142,9 @@ def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
             (tmp_path / "images" / split / label).mkdir(parents=True, exist_ok=True)
             write_png(test.images[index], str(tmp_path / "images" / split / label / f"{index}.png"))
     (tmp_path / "images" / "test" / classes[0] / "broken.png").write_bytes(b"not a png")
+    # fp32 in both: predictions go in batches of 40 images, evaluation in one of 512; bf16 may round them apart
     prediction = run_cli(["--predict", "images/test", "--load_model_path", "model.pth", "--predict_json", "p.json",
-                          "--top_k", "2"], cwd=tmp_path)
+                          "--top_k", "2", "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
     assert prediction.returncode == 0, prediction.stderr
     assert "skipped images/test/pattern0/broken.png" in prediction.stdout
     predicted = json.loads((tmp_path / "p.json").read_text())
@@ -151,8 +152,8 @@ def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
     assert all(p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predicted)
     correct = sum(Path(p["file"]).parent.name == p["top"][0]["class"] for p in predicted)
     (tmp_path / "images" / "test" / classes[0] / "broken.png").unlink()
-    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", "--load_model_path", "model.pth"],
-                         cwd=tmp_path)
+    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", "--load_model_path", "model.pth",
+                          "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
     assert re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/40 images\)", evaluation.stdout).group(1) == str(correct)
 

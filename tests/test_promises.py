@@ -1,0 +1,533 @@
+"""The README's promises, each through the real entry point (launch/train.py) on the CPU, on tiny data.
+
+    PYTHONPATH=. python -m pytest -q tests/test_promises.py
+"""
+
+import hashlib
+import http.server
+import io
+import json
+import pickle
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import write_png
+
+from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
+from alexnet_dist.data import fake
+from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
+
+# fp32 and a schedule blind to num_epochs (bit-exact comparisons), a checkpoint at every epoch end
+EXACT = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes", "0"]
+
+
+def printed(stdout: str, title: str = "test (tta none)") -> str:
+    """The 'TITLE accuracy X% (n/N images)' line of a run's report."""
+    found = re.search(re.escape(title) + r" accuracy [\d.]+% \(\d+/\d+ images\)", stdout)
+    assert found, f"no '{title} accuracy' in:\n{stdout[-3000:]}"
+    return found.group(0)
+
+
+def metric_rows(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_image_folder(root: Path, split: str, imageset, classes, count: int) -> list:
+    """The first `count` images of `imageset` as PNGs under root/split/<class>/; their paths."""
+    paths = []
+    for index in range(count):
+        folder = root / split / classes[int(imageset.labels[index])]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"{index}.png")
+        write_png(imageset.images[index], str(paths[-1]))
+    return paths
+
+
+class Launched:
+    """A process whose output is read as it comes, so that a test waits for a line instead of sleeping blindly."""
+
+    def __init__(self, command: list, cwd, env: dict):
+        self.process = subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out, self.err = [], []
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list):
+        for line in stream:
+            lines.append(line)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def _fail(self, why: str):
+        self.process.kill()
+        self.process.wait()
+        for reader in self.readers:
+            reader.join(timeout=10)
+        raise AssertionError(f"{why}\n--- stdout:\n{self.stdout[-3000:]}\n--- stderr:\n{self.stderr[-3000:]}")
+
+    def wait_for(self, condition, what: str, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                self._fail(f"ended (status {self.process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                self._fail(f"no {what} within {timeout} s")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._fail(f"still running after {timeout} s")
+        for reader in self.readers:
+            reader.join(timeout=10)
+        return self.process.returncode
+
+
+def launch(args, cwd, env=None) -> Launched:
+    return Launched([sys.executable, str(TRAIN), *map(str, args)], cwd, env or cli_env())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_ranks(args, cwd, processes: int = 2) -> list:
+    """Each rank as its own process (the environment torchrun would set), so that each one's status is seen."""
+    port = free_port()
+    return [launch(args, cwd, cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+            for rank in range(processes)]
+
+
+EXIT_RECORDER = """\
+import os, sys
+from alexnet_dist.cli import main
+code = 0
+try:
+    main(sys.argv[1:])
+except BaseException as error:
+    code = getattr(error, "code", type(error).__name__)
+    raise
+finally:
+    open(f"exit-{os.environ.get('RANK', '0')}", "w").write(str(code))
+"""
+
+
+def exit_recorder(folder: Path) -> Path:
+    """A launch script that runs the CLI and writes each rank's exit status to exit-<rank> (torchrun hides them)."""
+    script = folder / "recorded_exit.py"
+    script.write_text(EXIT_RECORDER)
+    return script
+
+
+# ---------------------------------------------------------------- CIFAR-10, downloaded by the main process
+
+CIFAR_CLASSES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett"]
+
+
+class Py2Text(str):
+    """A Python 2 `str` in a pickle, as in CIFAR-10's own files: bytes when read with encoding='bytes' (data.py),
+    text when read with encoding='latin1' (torchvision)."""
+
+
+class Py2Pickler(pickle._Pickler):
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_text(self, text):
+        data = text.encode("latin1")
+        self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+
+    dispatch[Py2Text] = save_py2_text
+
+
+def py2_pickle(value) -> bytes:
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(value)
+    return buffer.getvalue()
+
+
+def cifar_archive(per_batch: int = 40) -> tuple:
+    """(cifar-10-python.tar.gz bytes, md5 of every member) of a CIFAR-10 in the real format, `per_batch` images a batch."""
+    generator = np.random.default_rng(0)
+    members = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        members[name] = py2_pickle({
+            Py2Text("batch_label"): Py2Text(name),
+            Py2Text("labels"): [int(label) for label in generator.integers(0, 10, per_batch)],
+            Py2Text("data"): generator.integers(0, 256, (per_batch, 3072), dtype=np.uint8)})
+    members["batches.meta"] = py2_pickle({Py2Text("label_names"): [Py2Text(name) for name in CIFAR_CLASSES],
+                                          Py2Text("num_vis"): 3072})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue(), {name: hashlib.md5(data).hexdigest() for name, data in members.items()}
+
+
+class ArchiveServer:
+    """The archive on a loopback HTTP server, in a thread; `requests` lists the paths asked for."""
+
+    def __init__(self, archive: bytes):
+        self.requests = []
+        requests = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(archive)))
+                self.end_headers()
+                self.wfile.write(archive)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cifar-10-python.tar.gz"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+LOOPBACK_TRAIN = """\
+import sys
+from torchvision.datasets import CIFAR10
+for name, value in {attributes!r}.items():
+    setattr(CIFAR10, name, value)
+from alexnet_dist.cli import main
+main(sys.argv[1:])
+"""
+
+
+def torchvision_pointed_at(url: str, archive: bytes, md5s: dict) -> dict:
+    """The class attributes of torchvision's CIFAR10 that make it download and check this archive."""
+    return {"url": url, "tgz_md5": hashlib.md5(archive).hexdigest(),
+            "train_list": [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)],
+            "test_list": [["test_batch", md5s["test_batch"]]],
+            "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5s["batches.meta"]}}
+
+
+def test_cifar10_is_downloaded_once_by_the_main_process_while_the_other_rank_waits(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    archive, md5s = cifar_archive()
+    server = ArchiveServer(archive)
+    try:
+        attributes = torchvision_pointed_at(server.url, archive, md5s)
+        for name, value in attributes.items():
+            monkeypatch.setattr(CIFAR10, name, value)
+        CIFAR10(str(tmp_path / "one_download"), train=True, download=True)  # what one download asks the server
+        one_download = list(server.requests)
+        server.requests.clear()
+        wrapper = tmp_path / "train_from_loopback.py"  # the patch must reach the training processes
+        wrapper.write_text(LOOPBACK_TRAIN.format(attributes=attributes))
+        result = run_cli(["--dataset", "cifar10", "--data_dir", "data", "--logger", "none", "--num_epochs", "1",
+                          "--batch_size", "32"], cwd=tmp_path, script=wrapper, processes=2,
+                         env=cli_env(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1"))
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    assert server.requests == one_download  # one rank downloaded, once (torchvision probes for redirects first)
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
+    assert "180 training / 20 validation images, 5 steps per epoch" in result.stdout  # 200 images less val_size 0.1
+    assert printed(result.stdout).endswith("/40 images)")
+    assert all(f"  {name} " in result.stdout for name in CIFAR_CLASSES)  # class names from batches.meta
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+# ---------------------------------------------------------------- the weight average (--ema)
+
+
+def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_path):
+    flags = EXACT + ["--ema", "0.9"]
+    straight = run_cli(flags + ["--num_epochs", "2", "--run_dir", "straight", "--save", "straight.pth"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    first = run_cli(flags + ["--num_epochs", "1", "--run_dir", "resumed"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli(flags + ["--num_epochs", "2", "--run_dir", "resumed", "--resume", "latest", "--save", "resumed.pth"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    average, final = (read_weights(tmp_path / name)["state_dict"] for name in ("straight_ema.pth", "straight.pth"))
+    again = read_weights(tmp_path / "resumed_ema.pth")["state_dict"]
+    assert all(torch.equal(average[name], again[name]) for name in average)  # the resume restored the average exactly
+    assert not all(torch.equal(average[name], final[name]) for name in average)  # and it is not the final weights
+    validation = {run: [row.get("Accuracy/Validation_EMA") for row in metric_rows(tmp_path / run)
+                        if "Accuracy/Validation" in row] for run in ("straight", "resumed")}
+    assert len(validation["straight"]) == 2 and None not in validation["straight"]
+    assert validation["resumed"] == validation["straight"]
+    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "straight_ema.pth",
+                          "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    figures = printed(straight.stdout, "test, averaged weights, (tta none)").split(" accuracy ")[1]
+    assert printed(evaluation.stdout) == f"test (tta none) accuracy {figures}"  # what training said of the average
+
+
+# ---------------------------------------------------------------- checkpoints kept
+
+
+def test_the_newest_checkpoints_and_the_best_are_kept_and_nothing_else(tmp_path):
+    result = run_cli(EXACT + ["--seed", "2", "--num_epochs", "4", "--keep_checkpoints", "2", "--run_dir", "run"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    accuracies = {row["step"]: row["Accuracy/Validation"] for row in metric_rows(tmp_path / "run")
+                  if "Accuracy/Validation" in row}
+    assert sorted(accuracies) == [5, 10, 15, 20]
+    best = max(accuracies, key=lambda step: (accuracies[step], -step))  # the first epoch to reach the best accuracy
+    assert best < 15, f"with these flags the best epoch is among the last two ({accuracies}): pick flags where it is not"
+    folder = tmp_path / "run" / "checkpoints"
+    kept = sorted({best, 15, 20})
+    assert sorted(path.name for path in folder.iterdir()) == [f"step-{step:07d}" for step in kept]  # no .tmp-*, .trash-*
+    states = [read_state(folder / f"step-{step:07d}") for step in kept]
+    assert [state["val_accuracy"] for state in states] == [accuracies[step] for step in kept]
+    assert states[-1]["best_val_accuracy"] == max(accuracies.values()) == states[0]["val_accuracy"]
+
+
+# ---------------------------------------------------------------- accelerate launch with a config file
+
+
+def accelerate_launch(config: Path, args: list, cwd) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(TRAIN), *args]
+    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_accelerate_config_file_runs_and_an_explicit_precision_flag_wins(tmp_path):
+    shipped = (ROOT / "configs" / "cpu.yaml").read_text()
+    assert "mixed_precision: 'no'" in shipped
+    bf16 = tmp_path / "cpu_bf16.yaml"
+    bf16.write_text(shipped.replace("mixed_precision: 'no'", "mixed_precision: bf16"))
+    for config, flag in ((ROOT / "configs" / "cpu.yaml", "bf16"), (bf16, "no")):  # the flag says the opposite
+        result = accelerate_launch(config, QUICK + ["--mixed_precision", flag], tmp_path)
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.startswith("global batch"))
+        assert "= 1 process(es)" in line and f"precision {flag};" in line, (config.name, line)
+        printed(result.stdout)  # trained to the end
+
+
+# ---------------------------------------------------------------- the stream loader
+
+
+FOLDER = ["--dataset", "folder", "--data_dir", "images", "--batch_size", "32", "--num_epochs", "1", "--logger", "none",
+          "--mixed_precision", "no"]
+
+
+def test_stream_loader_trains_from_files_and_is_chosen_when_the_split_does_not_fit(tmp_path, monkeypatch):
+    import alexnet_dist.data
+    import alexnet_dist.training
+    from alexnet_dist.cli import main
+    from alexnet_dist.loaders import StreamLoader
+
+    train, test, classes = fake()
+    write_image_folder(tmp_path / "images", "train", train, classes, 200)
+    write_image_folder(tmp_path / "images", "test", test, classes, 40)
+    cache = tmp_path / "images" / ".alexnet_dist_cache"
+    streamed = run_cli(FOLDER + ["--loader", "stream", "--save", "stream.pth"], cwd=tmp_path)
+    assert streamed.returncode == 0, streamed.stderr
+    assert "180 training / 20 validation images" in streamed.stdout and printed(streamed.stdout).endswith("/40 images)")
+    assert not cache.exists()  # nothing decoded up front
+    # --loader auto when the split does not fit: in this process, where the memory budget can be made tiny
+    monkeypatch.setattr(alexnet_dist.data, "memory_budget", lambda device: 1000)
+    made, make_loader = [], alexnet_dist.training.make_loader
+
+    def recorded(*args, **kwargs):
+        made.append(make_loader(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(alexnet_dist.training, "make_loader", recorded)
+    main(FOLDER + ["--loader", "auto", "--num_workers", "0", "--save", "auto.pth"])
+    assert len(made) == 3 and all(isinstance(loader, StreamLoader) for loader in made)  # training, validation, test
+    assert not cache.exists()
+
+
+def test_cuda_graphs_stay_off_with_the_stream_loader_on_data_in_memory():
+    """--loader stream on generated (or CIFAR-10) images streams them too, so auto must leave the graphs off;
+    preflight decides it, here for a stand-in of one GPU."""
+    from types import SimpleNamespace
+
+    from alexnet_dist.cli import parse_flags
+    from alexnet_dist.preflight import preflight
+
+    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, process_index=0, is_main_process=True,
+                              mixed_precision="bf16")
+    graphs = {loader: preflight(parse_flags(QUICK + ["--loader", loader]), one_gpu).graphs for loader in ("device", "stream")}
+    assert graphs == {"device": True, "stream": False}
+
+
+def test_an_unreadable_image_met_while_streaming_stops_every_rank_naming_it(tmp_path):
+    train, _, classes = fake()
+    paths = write_image_folder(tmp_path / "images", "train", train, classes, 64)
+    paths[17].write_bytes(b"not a png")  # read only when training reaches it: --loader stream decodes nothing up front
+    broken = str(paths[17].relative_to(tmp_path))
+    ranks = launch_ranks(FOLDER + ["--loader", "stream", "--val_size", "0", "--batch_size", "16"], tmp_path)  # every image used
+    codes = [rank.finish() for rank in ranks]
+    assert codes == [2, 2], [rank.stderr for rank in ranks]
+    assert f"error: unreadable image in the data set: {broken} (1 such file(s))" in ranks[0].stderr
+    assert sum(rank.stderr.count(broken) for rank in ranks) == 1, [rank.stderr for rank in ranks]
+
+
+# ---------------------------------------------------------------- test-time views in evaluation and predictions
+
+
+def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
+    from alexnet_dist.data import read_image, resize_images
+    from alexnet_dist.model import alexnet
+    from test_engine import hand_cut_views
+
+    train, _, classes = fake()
+    paths = write_image_folder(tmp_path / "images", "train", train, classes, 1000)  # no test/: the validation split
+    # 10 steps that leave the three modes apart on 300 validation images
+    flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.01",
+                      "--init", "kaiming"]
+    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    finals = {mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
+              for mode in ("none", "flip", "ten")}
+    assert len(set(finals.values())) == 3, f"{finals}: pick flags where the modes differ, or this checks little"
+    for mode, expected in finals.items():
+        evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode], cwd=tmp_path)
+        assert evaluation.returncode == 0, evaluation.stderr
+        assert "evaluating on the validation split instead" in evaluation.stdout
+        assert printed(evaluation.stdout, f"validation (tta {mode})").startswith(f"validation (tta {mode}) accuracy {expected}%")
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    for path in paths[:6]:
+        (chosen / path.name).write_bytes(path.read_bytes())
+    files = sorted(chosen.iterdir())
+    weights = read_weights(tmp_path / "model.pth")
+    model = alexnet(num_classes=10)
+    model.load_state_dict(weights["state_dict"])
+    model.eval()
+    views = hand_cut_views(resize_images(torch.stack([read_image(path) for path in files]), (70, 70)), (64, 64),
+                           (0.5,) * 3, (0.5,) * 3)
+    lines = {}
+    for mode, used in (("none", 1), ("ten", 10)):
+        result = run_cli(["--predict", "chosen", "--load_model_path", "model.pth", "--tta", mode, "--top_k", "10",
+                          "--mixed_precision", "no", "--predict_json", f"{mode}.json"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        lines[mode] = [line for line in result.stdout.splitlines() if line.startswith("chosen/")]
+        with torch.no_grad():
+            expected = sum(torch.softmax(model(view), dim=1) for view in views[:used]) / used
+        predicted = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert [Path(row["file"]).name for row in predicted] == [path.name for path in files]
+        for row, probabilities in zip(predicted, expected):
+            for top in row["top"]:
+                assert abs(top["probability"] - float(probabilities[classes.index(top["class"])])) < 1e-5, (mode, row)
+    assert len(lines["none"]) == 6 and lines["none"] != lines["ten"]
+
+
+# ---------------------------------------------------------------- PCA colour noise and cutout
+
+
+def test_colour_noise_and_cutout_change_training_batches_only(tmp_path):
+    from accelerate import Accelerator
+
+    from alexnet_dist.cli import parse_flags
+    from alexnet_dist.training import loader_factory
+
+    train, held_out, _ = fake()
+    accelerator = Accelerator(cpu=True)
+    evaluation, training = {}, {}
+    for name, extra in (("plain", []), ("noisy", ["--pca_color", "0.1", "--cutout", "16"])):
+        make = loader_factory(parse_flags(QUICK + extra), accelerator, 32, train)
+        loader = make(held_out)
+        evaluation[name] = [view for images, _, _ in loader.eval_batches(64) for view in loader.augmentation.views(images, 10)]
+        training[name] = next(make(train).train_epoch(0))[0]
+    assert len(evaluation["noisy"]) == 40 and all(torch.equal(a, b) for a, b in zip(evaluation["plain"], evaluation["noisy"]))
+    # training: a square of zeros (the mean colour, which no pixel of the plain batch hits) of 8 x 8 to 16 x 16 pixels...
+    cut = (training["noisy"] == 0).all(dim=1)
+    assert not (training["plain"] == 0).all(dim=1).any()
+    assert all(64 <= int(pixels) <= 256 for pixels in cut.sum(dim=(1, 2)))
+    # ...and elsewhere one colour shift per image and channel
+    shift = training["noisy"] - training["plain"]
+    outside = [shift[image, channel][~cut[image]] for image in range(len(shift)) for channel in range(3)]
+    assert max(float(values.max() - values.min()) for values in outside) < 1e-4
+    assert min(float(values.abs().max()) for values in outside) > 0
+    result = run_cli(QUICK + ["--pca_color", "0.1", "--cutout", "16"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed(result.stdout)
+
+
+# ---------------------------------------------------------------- stop signals
+
+
+def test_sigint_stops_after_the_current_step_with_a_checkpoint_and_status_130(tmp_path):
+    run = launch(QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"], tmp_path)
+    run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
+    last_printed = max(map(int, re.findall(r"^step (\d+):", run.stdout, re.MULTILINE)))
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr
+    step = int(re.search(r"stopped by SIGINT after optimizer step (\d+); checkpoint run/checkpoints/step-", run.stderr).group(1))
+    assert last_printed <= step <= last_printed + 2  # the step under way, not the epoch's end
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
+
+
+def test_a_second_sigint_stops_at_once(tmp_path):
+    run = launch(QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"], tmp_path,
+                 env=cli_env(ALEXNET_DIST_TEST_SAVE_PAUSE="600"))  # the save after the first Ctrl-C takes 10 minutes
+    folder = tmp_path / "run" / "checkpoints"
+    run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
+    run.process.send_signal(signal.SIGINT)
+    run.wait_for(lambda: any((path / "trainer_state.json").exists() for path in folder.glob(".tmp-*")), "the stop's save")
+    run.process.send_signal(signal.SIGINT)
+    status = run.finish(timeout=60)
+    assert status in (130, -signal.SIGINT), run.stderr
+    assert not complete_checkpoints(folder) and "stopped by SIGINT" not in run.stderr
+
+
+def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
+    """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(exit_recorder(tmp_path)), *QUICK, "--mixed_precision", "no", "--num_epochs", "30", "--log_freq", "1",
+               "--run_dir", "run"]
+    run = Launched(command, tmp_path, cli_env())
+    run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
+    run.process.send_signal(signal.SIGINT)
+    run.finish()  # torchrun's own status after a signal is its business (1)
+    assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["130", "130"], run.stderr
+    step = int(re.search(r"stopped by SIGINT after optimizer step (\d+);", run.stderr).group(1))
+    assert step % 5 == 0  # the ranks compare notes at epoch ends (5 steps) and every 10 steps
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
+    assert all((saved[0] / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))  # both ranks saved that step
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def test_a_resumed_wandb_run_keeps_its_id_offline(tmp_path):
+    env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
+    flags = EXACT + ["--logger", "wandb", "--run_dir", "run"]
+    first = run_cli(flags + ["--num_epochs", "1"], cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli(flags + ["--num_epochs", "2", "--resume", "latest"], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    run_id = json.loads((tmp_path / "run" / "tracker.json").read_text())["wandb_id"]
+    offline = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline), (run_id, offline)
+    assert f"wandb sync {offline[-1]}" in resumed.stdout
