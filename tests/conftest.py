@@ -29,7 +29,12 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subp
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    str(script), *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:  # a loaded machine: say what the run had done by then
+        text = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+        output = text(error.stdout)[-3000:] + text(error.stderr)[-3000:]
+        raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ def test_smoke_rehearsal_reports_every_stage(tmp_path):
     assert result.returncode == 0
     assert list(stages) == ["graph_check", "bench", "default_command"]
     assert stages["graph_check"]["status"] == "skipped"  # no GPU here: the check says so and the rest goes on
-    assert stages["bench"]["status"] == "ok" and stages["bench"]["figures"]["default_images_per_s"] > 0
+    assert stages["bench"]["status"] == "ok" and stages["bench"]["figures"]["default_images_per_s"]["median"] > 0
     command = stages["default_command"]
     assert command["status"] == "ok" and "launch launch/train.py" in command["command"]
     assert "--logger wandb" in command["command"]  # wandb imports here: W&B offline, as a user runs it

@@ -51,7 +51,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
 
 def test_launch_does_not_change_what_is_learned(tmp_path):
     """Dropout and random augmentation off: 1 x 32, 2 x 16 and 1 x 2 accumulation x 16 take the same steps."""
-    flags = QUICK + ["--dropout", "0", "--flip=False", "--resize", "64", "--random_crop", "64", "--init", "kaiming",
+    flags = QUICK + ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64", "--init", "kaiming",
                      "--mixed_precision", "no",
                      "--save", "model.pth"]
     setups = {"one": (1, []), "two_processes": (2, []), "accumulation": (1, ["--grad_accum_steps", "2"])}
