@@ -131,7 +131,7 @@ def project_pipeline(cfg: Config, steps: int) -> dict:
 
     def ceiling_window():
         torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-        for _ in range(steps):
+        for _ in range(steps * cfg.grad_accum_steps):  # micro-steps: steps x batch_size images in all
             trainer.step(images, labels)
 
     with clock.part("first_steps"):  # compilation, graph recording, cuDNN's choice of algorithms

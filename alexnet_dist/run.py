@@ -68,8 +68,8 @@ class Run:
 
     def _resume(self):
         state = self.plan.state
-        self.checkpoints.clean(newer_than=state["global_step"])
         restore(self.accelerator, self.trainer, self.plan.resume_from, state, self.cfg)
+        self.checkpoints.clean(newer_than=state["global_step"])  # only once the resumed one has loaded
         self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
         self.best = state.get("best_val_accuracy")
         if self.accelerator.is_main_process:
@@ -137,7 +137,8 @@ class Run:
             self.tracker.epoch_done(last=last)
         self._print_epoch(epoch, stats, values, nonfinite)
         stop, due = self.stop.agree(self._checkpoint_due())
-        if last or stop or due or cfg.checkpoint_minutes == 0:
+        steps_due = cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0
+        if last or stop or due or steps_due or cfg.checkpoint_minutes == 0:
             path = self.save(epoch + 1, 0, val_accuracy)
             if stop and not last:
                 self._stopped(path)

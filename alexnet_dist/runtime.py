@@ -84,11 +84,17 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
-def _attempt(action):
+def _attempt(action, ranks: int):
+    """(result, None) or (None, the one-line message); with several ranks any error becomes a message, so that
+    the others are told instead of waiting for this one (alone, an unexpected error keeps its traceback)."""
     try:
         return action(), None
     except UsageError as error:
         return None, str(error)
+    except Exception as error:
+        if ranks == 1:
+            raise
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def agreed(accelerator: Accelerator, on_main, on_every_rank):
@@ -96,12 +102,12 @@ def agreed(accelerator: Accelerator, on_main, on_every_rank):
     caches, choices of paths), its picklable result goes to every rank, then `on_every_rank(result)`
     runs everywhere. A UsageError on any rank is raised on every rank, so all of them stop together
     instead of waiting for each other at the next collective."""
-    decision, error = _attempt(on_main) if accelerator.is_main_process else (None, None)
+    decision, error = _attempt(on_main, accelerator.num_processes) if accelerator.is_main_process else (None, None)
     if accelerator.num_processes > 1:
         decision, error = broadcast_object_list([(decision, error)])[0]
     if error:
         raise UsageError(error)
-    result, error = _attempt(lambda: on_every_rank(decision))
+    result, error = _attempt(lambda: on_every_rank(decision), accelerator.num_processes)
     stop_together(accelerator, error)
     return result
 

@@ -7,6 +7,8 @@
     run.finish()
 """
 
+import contextlib
+
 import torch
 from accelerate.utils import set_seed
 
@@ -69,8 +71,9 @@ def train(plan, accelerator):
     with Run(plan, accelerator, trainer) as run:
         clock.begin("other")  # the start-up ends here
         for epoch in run.epochs():
-            for step_in_epoch in trainer.steps(epoch, run.first_step(epoch)):
-                run.after_step(epoch, step_in_epoch)
+            with contextlib.closing(trainer.steps(epoch, run.first_step(epoch))) as steps:  # closed on a stop too
+                for step_in_epoch in steps:
+                    run.after_step(epoch, step_in_epoch)
             run.end_epoch(epoch)
         return run.finish()
 

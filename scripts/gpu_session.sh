@@ -9,4 +9,4 @@ export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
 if [ ! -d data/cifar10-jpeg/train ]; then
     mkdir -p data/cifar10-jpeg && tar xzf .carry/cifar10-jpeg-train.tar.gz -C data/cifar10-jpeg || exit 1
 fi
-python3 scripts/gpu_session.py "$@" "${OUT:-/tmp/gpu_out}" 2>&1 | tee "${OUT:-/tmp/gpu_out}/session.log"
+python3 scripts/gpu_session.py "$1" "${OUT:-/tmp/gpu_out}" "${@:2}" 2>&1 | tee "${OUT:-/tmp/gpu_out}/session.log"

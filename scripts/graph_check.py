@@ -52,7 +52,7 @@ class Setup:
             self.model = torch.compile(trainer.model)
             self.step = type(trainer.step)(accelerator, self.model, self.optimizer, trainer.step.criterion)
         self.average = trainer.average
-        self.initial = weights(trainer.model)
+        self.initial = weights(self.model)  # the same names as the trained weights, compiled or not
 
     def train(self, batches) -> list:
         losses = []

@@ -47,7 +47,7 @@ def test_sweep_rehearsal_survives_a_failing_and_a_hanging_run(tmp_path):
     assert result.returncode == 0
     assert stages["w1_bad_flag"]["status"] == "failed" and "no_such_flag" in stages["w1_bad_flag"]["log_tail"]
     assert stages["w1_hang"]["status"] == "timeout" and stages["w1_hang"]["seconds"] < 30
-    assert stages["w1_base"]["status"] == "ok" and stages["w1_kaiming"]["status"] == "ok"
+    assert stages["w1_base"]["status"] == "ok" and stages["w1_pytorch_init"]["status"] == "ok"
     assert stages["best_seed1"]["status"] == "ok" and summary["best_so_far"]["flags"]
     listing = subprocess.run(["tar", "tzf", str(tmp_path / "sweep-out" / "results.tar.gz")], capture_output=True,
                              text=True).stdout.split()
