@@ -15,7 +15,8 @@
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
 
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# awk reads every name: `head` would close the pipe early, and pipefail would end the job with SIGPIPE (141)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk "NR == 1")
 # a port per job, so that two jobs whose head node is the same machine do not meet at one rendezvous
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export WANDB_MODE=${WANDB_MODE:-offline}   # compute nodes often have no network: wandb sync afterwards
