@@ -17,11 +17,12 @@ Where it differs:
   In training, dropout draws a separate mask for each copy, so the full layer runs as in the seed.
 - `init='paper'` draws every weight from N(0, 0.01) and sets the biases of conv2, conv4, conv5
   and the hidden linear layers to 1 (0 elsewhere). It is known to stall without a tuned learning
-  rate, so the default is PyTorch's own initialisation.
-- PyTorch's initialisation shrinks the signal layer by layer (conv5's output has a standard
-  deviation near 0.01 at the start), so the loss sits at ln(10) for the first hundreds of steps.
-  `init='kaiming'` (He et al. 2015: N(0, 2 / fan_in), biases 0, the last layer N(0, 0.01)) keeps
-  the signal's scale and learns from the first steps.
+  rate.
+- PyTorch's initialisation (`init='pytorch'`, this builder's default, as in torchvision) shrinks
+  the signal layer by layer (conv5's output has a standard deviation near 0.01 at the start), so
+  the loss sits at ln(10) for the first hundreds of steps. `init='kaiming'` (He et al. 2015:
+  N(0, 2 / fan_in), biases 0, the last layer N(0, 0.01)) keeps the signal's scale and learns from
+  the first steps: the training CLI's default (`--init`).
 """
 
 import torch
