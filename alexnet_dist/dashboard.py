@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import TTA_VIEWS
+from .engine import view_probabilities
 from .files import atomic_write
 
 POOL, SAMPLE, MISTAKES, PAIRS, PER_PAIR = 1000, 100, 10, 4, 6
@@ -31,9 +31,7 @@ def gallery(model, loader, accelerator, classes, tta: str, confusion, out_dir: P
     probabilities = []
     with accelerator.autocast():
         for chunk in images.split(128):
-            chunk = chunk.to(accelerator.device)
-            views = list(loader.augmentation.views(chunk, TTA_VIEWS[tta]))
-            probabilities.append((sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)).cpu())
+            probabilities.append(view_probabilities(model, loader.augmentation, chunk.to(accelerator.device), tta).cpu())
     probabilities = torch.cat(probabilities)
     confidence, predicted = probabilities.max(dim=1)
     wrong = (predicted != labels).nonzero().flatten()

@@ -62,6 +62,13 @@ TTA_VIEWS = {"none": 1, "flip": 2, "ten": 10}  # how many of Augmentation.views 
 
 
 @torch.no_grad()
+def view_probabilities(model, augmentation, images, tta: str) -> torch.Tensor:
+    """Class probabilities of uint8 `images`, softmax averaged over the test-time views of `tta`."""
+    views = list(augmentation.views(images, TTA_VIEWS[tta]))
+    return sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
+
+
+@torch.no_grad()
 def evaluate(model, loader, accelerator, num_classes: int, batch_size: int, modes=("none",)) -> dict:
     """Confusion matrices (true x predicted class), one per test-time mode, over the whole split.
 

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import load_weights
 from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
-from .engine import TTA_VIEWS
+from .engine import view_probabilities
 from .files import write_text
 from .model import alexnet
 from .transforms import Augmentation
@@ -60,9 +60,8 @@ def predict(plan, accelerator) -> list:
         if not batch:
             continue
         images = torch.cat(batch).to(accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            views = list(augmentation.views(images, TTA_VIEWS[cfg.tta]))
-            probabilities = sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
+        with accelerator.autocast():
+            probabilities = view_probabilities(model, augmentation, images, cfg.tta)
         values, indices = probabilities.topk(top_k, dim=1)
         for path, row_values, row_indices in zip(names, values.tolist(), indices.tolist()):
             top = [{"class": classes[i], "probability": round(p, 6)} for p, i in zip(row_values, row_indices)]
