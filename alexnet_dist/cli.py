@@ -56,18 +56,27 @@ def run(cfg: Config):
     return train(plan, accelerator)
 
 
+def leave(message: str, code: int):
+    """Exit with `code` after an error every rank agreed on. The process group is taken down here, on every rank
+    after one barrier, not by the interpreter at exit: there gloo's threads outlive their owner and a rank that
+    exits while its peer still holds a connection dies of SIGABRT ("terminate called without an active exception")
+    instead of exiting with `code`."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has left its last collective
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
 def main(argv: list | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         run(parse_flags(argv))
     except UsageError as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        leave(f"error: {error}", 2)
     except RunStopped as stopped:
-        if os.environ.get("RANK", "0") == "0":
-            print(stopped, file=sys.stderr)
-        sys.exit(stopped.code)
+        leave(str(stopped), stopped.code)
 
 
 if __name__ == "__main__":
