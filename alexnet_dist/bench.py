@@ -6,18 +6,19 @@
 All three train the same AlexNet at the same batch size on the same device, in one run:
   (a) seed:    PIL Resize(70) + RandomCrop(64) + ToTensor + Normalize in a DataLoader with
                `seed_workers` workers (the seed's 0), fp32, the pooled classifier, plain SGD;
-  (b) default: this project's training epoch (Trainer.steps) over uint8 images held on the
-               device, augmentation and bookkeeping included, with the training defaults;
-  (c) ceiling: the same step as (b) on one random batch already on the device: no data work.
+  (b) default: this project's training loop (training.train) for one epoch over uint8 images held
+               on the device, augmentation and bookkeeping included, with the training defaults;
+  (c) ceiling: the same loop and step as (b) over one random batch already on the device: no data work.
 After warm-up, the timed windows of `steps` optimizer steps take turns (a, b, c, a, b, c, ...) so
 that a machine whose speed drifts slows all three alike. Each figure is the median images/s with
 the min-max over the windows; each ratio is taken window by window (b_i / a_i), with its median
 and min-max, and called inconclusive when that range reaches across 1. The 25-epoch time is
 extrapolated from (b) for CIFAR-10's training split under the flags (45,000 images by default). The time breakdown at the end is the process's
-(training = the (b) windows and warm-up; the (a) and (c) windows are "other").
+(training = the (b) and (c) windows and their warm-up; the (a) windows are "other").
 """
 
-import contextlib
+import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -38,8 +39,8 @@ from .files import write_text
 from .loaders import streams
 from .model import alexnet
 from .runtime import build_accelerator, device_name, micro_batch_size
-from .step import use_cuda_graphs
-from .training import build_trainer
+from .speedups import use_cuda_graphs
+from .training import GivenBatches, Steps, build_trainer, train
 
 CIFAR_IMAGES = 50_000  # CIFAR-10's training images, before the validation split
 
@@ -115,28 +116,27 @@ def project_pipeline(cfg: Config, steps: int) -> dict:
     imageset = ImageSet(torch.randint(10, (count,), generator=generator),
                         torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator))
     micro_batch = micro_batch_size(cfg.batch_size, 1, cfg.grad_accum_steps)
-    graphs = use_cuda_graphs(cfg, accelerator, streaming=streams(imageset, cfg))
+    graphs = use_cuda_graphs(cfg, accelerator, accelerator.mixed_precision, streaming=streams(imageset, cfg))
     trainer = build_trainer(cfg, accelerator, imageset, 10, micro_batch, graphs)
-    epochs = iter(range(10**9))
+    epochs = itertools.count()
 
-    def default_window():  # one epoch of `steps` optimizer steps
+    def default_window():  # one epoch of `steps` optimizer steps, through the training loop itself
         torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-        for _ in trainer.steps(next(epochs)):
-            pass
+        train(trainer, Steps([next(epochs)]))
 
     images = torch.randn(micro_batch, 3, *cfg.random_crop, device=device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(10, (micro_batch,), device=device)
+    # the same loop, model and step over one batch already on the device: steps x batch_size images in all
+    ceiling = dataclasses.replace(trainer, loader=GivenBatches([(images, labels)] * (steps * cfg.grad_accum_steps)))
 
     def ceiling_window():
         torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-        for _ in range(steps * cfg.grad_accum_steps):  # micro-steps: steps x batch_size images in all
-            trainer.step(images, labels)
+        train(ceiling, Steps([0]))
 
-    with clock.part("first_steps"):  # compilation, graph recording, cuDNN's choice of algorithms
-        default_window()
-        ceiling_window()
+    default_window()  # warm-up: compilation, graph recording, cuDNN's choice of algorithms
+    ceiling_window()
     return {"default": default_window, "ceiling": ceiling_window, "graphs": graphs,
             "precision": accelerator.mixed_precision, "device": device}
 
@@ -167,8 +167,7 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
     rates = {name: [] for name in pipelines}
     for _ in range(windows):
         for name, window in pipelines.items():
-            with clock.part("training") if name == "default" else contextlib.nullcontext():
-                rates[name].append(timed(window, steps * cfg.batch_size, device))
+            rates[name].append(timed(window, steps * cfg.batch_size, device))
     ratios = {"default_over_seed": [b / a for a, b in zip(rates["seed"], rates["default"])],
               "default_over_ceiling": [b / c for b, c in zip(rates["default"], rates["ceiling"])]}
     times, table = clock.report()

@@ -16,8 +16,9 @@ from .clock import clock
 from .config import FIELDS, Config, UsageError, help_text, load_recipe
 from .preflight import preflight
 from .predict import predict
-from .runtime import RunStopped, build_accelerator
-from .training import evaluate_saved, train
+from .runtime import RunStopped, build_accelerator, start_processes
+from .run import Run
+from .training import build_trainer, evaluate_saved, train
 
 
 def parse_flags(argv: list) -> Config:
@@ -43,17 +44,25 @@ def parse_flags(argv: list) -> Config:
 
 def run(cfg: Config):
     """Train (or only evaluate, or predict) as `cfg` says; returns the unwrapped model, on every rank."""
-    log_with = None if cfg.logger == "none" or not cfg.train or cfg.predict else cfg.logger
-    accelerator = build_accelerator(cfg, log_with=log_with, project_dir="runs")
-    if accelerator.device.type == "cuda":
+    state = start_processes(cfg)
+    if state.device.type == "cuda":
         clock.synchronize = torch.cuda.synchronize  # device work is counted in the part that launched it
     with clock.part("data"):
-        plan = preflight(cfg, accelerator)
+        plan = preflight(cfg, state)
+    log_with = None if cfg.logger == "none" or not plan.cfg.train or plan.cfg.predict else cfg.logger
+    accelerator = build_accelerator(plan.cfg, log_with=log_with, project_dir=plan.run_dir)
     if plan.cfg.predict:
         return predict(plan, accelerator)
     if not plan.cfg.train:
         return evaluate_saved(plan, accelerator)
-    return train(plan, accelerator)
+    trainer = build_trainer(plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch,
+                            plan.graphs, plan.weights)
+    with Run(plan, accelerator, trainer) as session:
+        clock.begin("other")  # the start-up ends here
+        train(trainer, session)
+        model = session.finish()  # raises RunStopped after a stop signal or a non-finite loss
+    accelerator.end_training()  # the trackers' last writes; the process group goes down on every rank
+    return model
 
 
 def leave(message: str, code: int):

@@ -211,8 +211,8 @@ class Config:
                        lambda name, value: int(choice("1", "2")(name, value)), learned=True)
     compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune",
                         choice("false", "true", "max-autotune", lower=True))
-    cuda_graphs: str = flag("auto", "record each training step as one CUDA graph: auto (one GPU, no accumulation, not fp16, "
-                            "not streamed), true, false", choice("auto", "true", "false", lower=True))
+    cuda_graphs: str = flag("false", "record each training step as one CUDA graph: false (until measured on a GPU), true, "
+                            "or auto (one GPU, no accumulation, not fp16, not streamed)", choice("false", "true", "auto", lower=True))
     init: str = flag("kaiming", "initial weights: kaiming (He et al. 2015), pytorch (PyTorch's default) or paper (N(0, 0.01), some biases 1)",
                      choice("kaiming", "pytorch", "paper"))
     # tracking and outputs

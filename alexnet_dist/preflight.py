@@ -19,28 +19,28 @@ from .files import check_writable
 from .loaders import streams
 from .predict import image_paths
 from .resume import choose
-from .runtime import agreed, micro_batch_size
-from .step import use_cuda_graphs
+from .runtime import agreed, micro_batch_size, resolve_precision
+from .speedups import use_cuda_graphs
 from .tracking import check_logger
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """What a run does, held by every rank."""
     cfg: Config                     # the flags (for evaluation: the network and preprocessing of the weights)
-    data: Data | None               # this rank's copy of the splits (None when predicting)
-    micro_batch: int                # images per process and micro-step
-    graphs: bool                    # training steps recorded as CUDA graphs
-    stamp: str                      # the run's start time, also after a resume
-    run_dir: Path | None            # the run folder (training only)
-    save_path: Path | None          # where the final weights go (training only)
-    resume_from: Path | None        # the checkpoint to continue from
-    state: dict | None              # its trainer_state.json
     weights: dict | None            # the payload of --load_model_path, read by this rank
+    data: Data | None = None        # this rank's copy of the splits (None when predicting)
+    micro_batch: int = 0            # images per process and micro-step
+    graphs: bool = False            # training steps recorded as CUDA graphs
+    stamp: str = ""                 # the run's start time, also after a resume
+    run_dir: Path | None = None     # the run folder (training only)
+    save_path: Path | None = None   # where the final weights go (training only)
+    resume_from: Path | None = None  # the checkpoint to continue from
+    state: dict | None = None       # its trainer_state.json
     predict_paths: tuple = ()       # the image files to classify
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     """The main process's choices, broadcast to the other ranks (small and picklable: no tensors)."""
     cfg: Config
@@ -54,45 +54,49 @@ class Decision:
     predict_paths: tuple = ()
 
 
-def preflight(cfg: Config, accelerator) -> Plan:
-    held = {}  # what the main process already loaded, so that it does not load it twice
+def preflight(cfg: Config, state) -> Plan:
+    """The plan on every rank, or a UsageError on every rank. `state`: Accelerate's PartialState (the processes,
+    their device), built before the Accelerator so that the Accelerator can get the run folder when it is made."""
+    precision = resolve_precision(cfg.mixed_precision, state.device.type == "cpu")
 
-    def on_main() -> Decision:
-        held["weights"] = read_weights(cfg.load_model_path) if cfg.load_model_path else None
-        decided = with_weights_settings(cfg, held["weights"]) if (cfg.predict or not cfg.train) else cfg
-        if decided.predict:
-            if decided.predict_json:
-                check_writable("--predict_json", Path(decided.predict_json))
-            return Decision(decided, cfg, predict_paths=tuple(image_paths(decided.predict)))
-        if decided.train:
-            check_logger(decided.logger)
-        micro_batch_size(decided.batch_size, accelerator.num_processes, decided.grad_accum_steps)
-        data = held["data"] = load_data(decided, accelerator.device, writer=True)
-        stream = streams(data.train, decided)  # --loader stream streams images in memory too
-        use_cuda_graphs(decided, accelerator, streaming=stream)
-        if held["weights"] is not None:
-            check_architecture(held["weights"], {"groups": decided.groups, "num_classes": len(data.classes)},
-                               decided.load_model_path)
-        if not decided.train:
-            if data.test is None and data.val is None:
-                raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
-            return Decision(decided, cfg, stream)
-        return Decision(decided, cfg, stream, **training_paths(decided, data))
-
-    def on_every_rank(decision: Decision) -> Plan:
-        check_same_flags(cfg, decision.asked, accelerator.process_index)
+    def on_every_rank(decision: Decision, kept: tuple | None) -> Plan:
+        """`kept`: on the main process, the weights and data it already read (None elsewhere)."""
+        check_same_flags(cfg, decision.asked, state.process_index)
         run_cfg = decision.cfg
-        weights = held.get("weights") if "weights" in held else (
-            read_weights(run_cfg.load_model_path) if run_cfg.load_model_path else None)
+        weights, data = kept or (read_weights(run_cfg.load_model_path) if run_cfg.load_model_path else None, None)
         if run_cfg.predict:
-            return Plan(run_cfg, None, 0, False, "", None, None, None, None, weights, decision.predict_paths)
-        data = held.get("data") or load_data(run_cfg, accelerator.device, writer=False, stream=decision.stream)
-        graphs = run_cfg.train and use_cuda_graphs(run_cfg, accelerator, streaming=decision.stream)
-        micro_batch = micro_batch_size(run_cfg.batch_size, accelerator.num_processes, run_cfg.grad_accum_steps)
-        return Plan(run_cfg, data, micro_batch, graphs, decision.stamp, decision.run_dir, decision.save_path,
-                    decision.resume_from, decision.state, weights)
+            return Plan(cfg=run_cfg, weights=weights, predict_paths=decision.predict_paths)
+        data = data or load_data(run_cfg, state.device, writer=False, stream=decision.stream)
+        return Plan(cfg=run_cfg, weights=weights, data=data,
+                    micro_batch=micro_batch_size(run_cfg.batch_size, state.num_processes, run_cfg.grad_accum_steps),
+                    graphs=run_cfg.train and use_cuda_graphs(run_cfg, state, precision, streaming=decision.stream),
+                    stamp=decision.stamp, run_dir=decision.run_dir, save_path=decision.save_path,
+                    resume_from=decision.resume_from, state=decision.state)
 
-    return agreed(accelerator, on_main, on_every_rank)
+    return agreed(state, lambda: decide(cfg, state, precision), on_every_rank)
+
+
+def decide(cfg: Config, state, precision: str) -> tuple:
+    """The main process's part: (its Decision for every rank, (the weights it read, the data it loaded))."""
+    weights = read_weights(cfg.load_model_path) if cfg.load_model_path else None
+    decided = with_weights_settings(cfg, weights) if (cfg.predict or not cfg.train) else cfg
+    if decided.predict:
+        if decided.predict_json:
+            check_writable("--predict_json", Path(decided.predict_json))
+        return Decision(cfg=decided, asked=cfg, predict_paths=tuple(image_paths(decided.predict))), (weights, None)
+    if decided.train:
+        check_logger(decided.logger)
+    micro_batch_size(decided.batch_size, state.num_processes, decided.grad_accum_steps)
+    data = load_data(decided, state.device, writer=True)
+    stream = streams(data.train, decided)  # --loader stream streams images in memory too
+    use_cuda_graphs(decided, state, precision, streaming=stream)
+    if weights is not None:
+        check_architecture(weights, {"groups": decided.groups, "num_classes": len(data.classes)}, decided.load_model_path)
+    if not decided.train:
+        if data.test is None and data.val is None:
+            raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
+        return Decision(cfg=decided, asked=cfg, stream=stream), (weights, data)
+    return Decision(cfg=decided, asked=cfg, stream=stream, **training_paths(decided, data)), (weights, data)
 
 
 def check_same_flags(mine: Config, main: Config, rank: int):

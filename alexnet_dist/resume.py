@@ -80,9 +80,6 @@ def restore(accelerator, trainer, path: Path, state: dict, cfg):
                          f"resume from an older checkpoint in {path.parent}") from None
     accelerator.step = 0  # checkpoints fall between optimizer steps, whatever the accumulation was then
     apply_optimizer_flags(trainer.optimizer, trainer.scheduler, cfg, state["config"])
-    if trainer.graphs:  # the loaded learning rate must again be a tensor on the device
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=accelerator.device)
     trainer.global_step = state["global_step"]
 
 

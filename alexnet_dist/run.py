@@ -1,20 +1,20 @@
-"""A training run around its trainer: run folder, tracker, checkpoints, best accuracy, stop signals,
-and the final report.
+"""A training run around the loop (training.train): run folder, tracker, progress bar, checkpoints, best
+accuracy, stop signals, and the final report.
 
     with Run(plan, accelerator, trainer) as run:
-        for epoch in run.epochs():
-            for step_in_epoch in trainer.steps(epoch, run.first_step(epoch)):
-                run.after_step(epoch, step_in_epoch)
-            run.end_epoch(epoch)
-        model = run.finish()
+        train(trainer, run)       # calls run.epochs(), begin_epoch(), after_step(), end_epoch()
+        model = run.finish()      # raises RunStopped if the run was stopped
 
-`after_step` and `end_epoch` save checkpoints when due and raise RunStopped (after saving) when a
-stop signal arrived or a loss became non-finite; every rank calls them at the same points.
+`after_step` and `end_epoch` save checkpoints when due and return True (after saving) when a stop
+signal arrived or a loss became non-finite; `stopped` then holds the message and exit status. Every
+rank calls them at the same points.
 """
 
 import json
 import sys
 import time
+
+from tqdm.auto import tqdm
 
 from . import __version__, dashboard
 from .checkpoint import Checkpoints, complete_checkpoints, save_weights
@@ -44,6 +44,7 @@ class Run:
             self.val_loader = trainer.make_loader(plan.data.val) if plan.data.val is not None else None
         self.evaluator = Evaluator(accelerator, trainer.model, len(plan.data.classes), 2 * plan.micro_batch,
                                    trainer.average)
+        self.bar, self.epoch, self.step_in_epoch, self.stopped = None, 0, 0, None
         self.checkpoints = Checkpoints(accelerator, plan.run_dir / "checkpoints", self.cfg.keep_checkpoints)
         accelerator.register_for_checkpointing(trainer.scheduler, *([trainer.average] if trainer.average else []))
         self.best, self.start_epoch, self.start_step = None, 0, 0
@@ -90,32 +91,54 @@ class Run:
     def epochs(self) -> range:
         return range(self.start_epoch, self.cfg.num_epochs)
 
-    def first_step(self, epoch: int) -> int:
-        return self.start_step if epoch == self.start_epoch else 0
+    def begin_epoch(self, epoch: int) -> int:
+        """The optimizer step of `epoch` to start from: 0, or where the resumed run left off."""
+        self.epoch = epoch
+        self.step_in_epoch = self.start_step if epoch == self.start_epoch else 0
+        self.bar = tqdm(total=self.trainer.loader.steps_per_epoch - self.step_in_epoch, leave=False, dynamic_ncols=True,
+                        desc=f"epoch {epoch + 1}/{self.cfg.num_epochs}",
+                        disable=not (self.accelerator.is_main_process and sys.stderr.isatty()))
+        return self.step_in_epoch
 
     # ------------------------------------------------------------ during an epoch
 
-    def after_step(self, epoch: int, step_in_epoch: int):
-        """Log points, mid-epoch checkpoints and stops; at an epoch's last step the epoch ends normally first."""
+    def after_step(self) -> bool:
+        """Log points, mid-epoch checkpoints and stops (True: stop now); an epoch's last step is end_epoch's."""
         trainer, cfg = self.trainer, self.cfg
+        self.step_in_epoch += 1
+        self.bar.update(1)
         if trainer.global_step % cfg.log_freq == 0:
             with clock.part("tracking"):
-                self.tracker.log(trainer.log_point(), step=trainer.global_step)
-        if step_in_epoch == trainer.loader.steps_per_epoch:
-            return
+                self.tracker.log(self._log_point(), step=trainer.global_step)
+        if self.step_in_epoch == trainer.loader.steps_per_epoch:
+            return False
         nonfinite_now = (trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite
-                         and trainer.nonfinite()[0] is not None)
+                         and trainer.meter.nonfinite()[0] is not None)
         stop, due = self.stop.poll(trainer.global_step, self._checkpoint_due())
         if nonfinite_now or stop:
-            self._stopped(self.save(epoch, step_in_epoch))  # save() names a non-finite step and stops first
-        if due or cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0:
-            self.save(epoch, step_in_epoch)
+            self._stop(self.save(self.epoch, self.step_in_epoch))  # save() names a non-finite step and stops first
+        elif due or cfg.checkpoint_steps and trainer.global_step % cfg.checkpoint_steps == 0:
+            self.save(self.epoch, self.step_in_epoch)
+        return self.stopped is not None
 
-    def end_epoch(self, epoch: int):
+    def _log_point(self) -> dict:
+        """The training loss since the last log point (a synchronisation), on the bar and printed."""
+        loss, accuracy_ = self.trainer.meter.log_point()
+        rate, lr = self.trainer.meter.images_per_second(), self.trainer.lr
+        self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:,.0f}", acc=f"{accuracy_:.3f}")
+        if self.accelerator.is_main_process:
+            self.bar.write(f"step {self.trainer.global_step}: training loss {loss:.4f}, lr {lr:.4g}, {rate:,.0f} images/s")
+        return {"Loss/Train": loss, "lr": lr}
+
+    def end_epoch(self, epoch: int) -> bool:
+        """Validation, curves, the epoch's line and checkpoint; True when a stop signal or a non-finite loss ends
+        the run here."""
         trainer, cfg = self.trainer, self.cfg
+        self.bar.close()
         check_readable(self.accelerator, trainer.loader)
-        self.stop_if_nonfinite()
-        stats = trainer.epoch_stats
+        if self._nonfinite_stop():
+            return True
+        stats = trainer.meter.epoch_stats()
         values = {"Accuracy/Train": stats["train_accuracy"], "Loss/Epoch": stats["train_loss"],
                   "images_per_second": stats["images_per_second"], "epoch_seconds": stats["epoch_seconds"],
                   "epoch": epoch + 1, "lr": trainer.lr}
@@ -127,8 +150,9 @@ class Run:
         val_accuracy = values.get("Accuracy/Validation")
         if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
             self.best = val_accuracy
-        trainer.end_of_epoch(val_accuracy, stats["train_accuracy"])
-        _, nonfinite = trainer.nonfinite()
+        if trainer.plateau:
+            trainer.scheduler.step(stats["train_accuracy"] if val_accuracy is None else val_accuracy)
+        _, nonfinite = trainer.meter.nonfinite()
         if nonfinite:
             values["nonfinite_losses"] = nonfinite
         last = epoch + 1 == cfg.num_epochs
@@ -141,7 +165,8 @@ class Run:
         if last or stop or due or steps_due or cfg.checkpoint_minutes == 0:
             path = self.save(epoch + 1, 0, val_accuracy)
             if stop and not last:
-                self._stopped(path)
+                self._stop(path)
+        return self.stopped is not None
 
     def _print_epoch(self, epoch, stats, values, nonfinite):
         validation = "".join(f", {name.split('/')[1].replace('_', ' ').lower()} accuracy {100 * value:.2f}%"
@@ -153,21 +178,26 @@ class Run:
 
     # ------------------------------------------------------------ checkpoints and stops
 
-    def stop_if_nonfinite(self):
-        first_bad, _ = self.trainer.nonfinite()
-        if first_bad is not None and not self.cfg.skip_nonfinite:
+    def _nonfinite_stop(self) -> bool:
+        """True, with `stopped` set, when a loss became non-finite and such steps are not skipped."""
+        first_bad, _ = self.trainer.meter.nonfinite()
+        if first_bad is not None and not self.cfg.skip_nonfinite and self.stopped is None:
             saved = complete_checkpoints(self.checkpoints.folder)
             epoch = (first_bad - 1) // self.trainer.loader.steps_per_epoch + 1
-            raise RunStopped(f"the loss became non-finite at optimizer step {first_bad} (epoch {epoch}); stopped "
-                             f"without saving; the last good checkpoint is {saved[-1] if saved else 'none (no checkpoint yet)'} "
-                             "(--skip_nonfinite skips such steps instead)", 1)
+            self.stopped = RunStopped(
+                f"the loss became non-finite at optimizer step {first_bad} (epoch {epoch}); stopped without saving; "
+                f"the last good checkpoint is {saved[-1] if saved else 'none (no checkpoint yet)'} "
+                "(--skip_nonfinite skips such steps instead)", 1)
+        return self.stopped is not None
 
     def _checkpoint_due(self) -> bool:
         minutes = self.cfg.checkpoint_minutes
         return minutes > 0 and time.perf_counter() - self.saved_at >= 60 * minutes
 
     def save(self, epoch: int, step_in_epoch: int, val_accuracy=None):
-        self.stop_if_nonfinite()
+        """The full training state; none (and a stop) once a loss was non-finite, so that no bad state is kept."""
+        if self._nonfinite_stop():
+            return None
         with clock.part("checkpoints"):
             path = self.checkpoints.save({
                 "global_step": self.trainer.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -176,15 +206,19 @@ class Run:
         self.saved_at = time.perf_counter()
         return path
 
-    def _stopped(self, path):
-        raise RunStopped(f"stopped by {self.stop.name()} after optimizer step {self.trainer.global_step}; checkpoint "
-                         f"{path}; continue with the same launcher and: {resume_command(sys.argv, path)}",
-                         128 + int(self.stop.received))
+    def _stop(self, path):
+        if self.stopped is None:  # a non-finite loss found while saving keeps its own message
+            self.stopped = RunStopped(
+                f"stopped by {self.stop.name()} after optimizer step {self.trainer.global_step}; checkpoint {path}; "
+                f"continue with the same launcher and: {resume_command(sys.argv, path)}", 128 + int(self.stop.received))
 
     # ------------------------------------------------------------ the end
 
     def finish(self):
-        """Save the final weights; validation accuracy in every test-time mode; test accuracy; end the tracker."""
+        """Save the final weights; validation accuracy in every test-time mode; test accuracy; end the tracker.
+        After a stop: raise RunStopped instead."""
+        if self.stopped is not None:
+            raise self.stopped
         train_seconds = time.perf_counter() - self.started
         self.print(f"trained {self.cfg.num_epochs - self.start_epoch} epochs in {train_seconds:.1f} s")
         self.accelerator.wait_for_everyone()
@@ -220,9 +254,8 @@ class Run:
         self.print(f"saved the final weights to {save_path}")
         if self.trainer.average is not None:
             average_path = save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}")
-            with self.trainer.average.swapped_in():
-                if main:
-                    save_weights(average_path, unwrapped, self.config, self.data.classes)
+            if main:
+                save_weights(average_path, self.trainer.average.module, self.config, self.data.classes)
             self.print(f"saved the averaged weights to {average_path}")
 
     def _test(self, summary: dict) -> tuple:

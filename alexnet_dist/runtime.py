@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import AutocastKwargs, TorchDynamoPlugin, broadcast_object_list, gather_object
 
 from .config import UsageError
@@ -40,10 +40,17 @@ def resolve_precision(requested: str, on_cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
+def start_processes(cfg) -> PartialState:
+    """This launch's processes and their device (the process group, with several), before any decision is made."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no GPU is visible to PyTorch here; use --device auto or --device cpu")
-    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    # cpu=True is also what makes Accelerate see torchrun's processes as MULTI_CPU
+    return PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+
+
+def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
+    """The Accelerator, once, with the run folder (`project_dir`: where TensorBoard writes) when there is one."""
+    on_cpu = start_processes(cfg).device.type == "cpu"
     if not on_cpu:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -53,7 +60,7 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
         mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs"}[cfg.compile]
         dynamo = TorchDynamoPlugin(backend="inductor", mode=mode)
     return Accelerator(
-        cpu=on_cpu,  # also what makes Accelerate see torchrun's processes as MULTI_CPU
+        cpu=on_cpu,
         mixed_precision=resolve_precision(cfg.mixed_precision, on_cpu),
         gradient_accumulation_steps=cfg.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, not once per process
@@ -97,18 +104,25 @@ def _attempt(action, ranks: int):
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def agreed(accelerator: Accelerator, on_main, on_every_rank):
-    """The one cross-rank agreement before a run: `on_main()` runs on the main process first (downloads,
-    caches, choices of paths), its picklable result goes to every rank, then `on_every_rank(result)`
-    runs everywhere. A UsageError on any rank is raised on every rank, so all of them stop together
-    instead of waiting for each other at the next collective."""
-    decision, error = _attempt(on_main, accelerator.num_processes) if accelerator.is_main_process else (None, None)
-    if accelerator.num_processes > 1:
-        decision, error = broadcast_object_list([(decision, error)])[0]
+def agreed(state, on_main, on_every_rank):
+    """The one cross-rank agreement before a run. `on_main()` runs on the main process first (downloads, caches,
+    choices of paths) and returns (what every rank gets: small and picklable, what only the main process keeps);
+    the first goes to every rank, then `on_every_rank(shared, kept)` runs everywhere (`kept` None but on the main
+    process). A UsageError on any rank is raised on every rank, so that all of them stop together.
+
+    Not `main_process_first()`: there the other ranks wait in a barrier while the main process works, and if it
+    raises they stay in that barrier until the collective times out; here they wait in a broadcast
+    that always comes, carrying either the decision or the error."""
+    shared, kept, error = None, None, None
+    if state.is_main_process:
+        result, error = _attempt(on_main, state.num_processes)
+        shared, kept = result if result is not None else (None, None)
+    if state.num_processes > 1:
+        shared, error = broadcast_object_list([(shared, error)])[0]
     if error:
         raise UsageError(error)
-    result, error = _attempt(lambda: on_every_rank(decision), accelerator.num_processes)
-    stop_together(accelerator, error)
+    result, error = _attempt(lambda: on_every_rank(shared, kept), state.num_processes)
+    stop_together(state, error)
     return result
 
 

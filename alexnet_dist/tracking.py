@@ -57,8 +57,6 @@ class Tracker:
             if not os.environ.get("WANDB_DIR"):
                 init_kwargs["wandb"]["dir"] = str(self.run_dir)
         if cfg.logger != "none":
-            accelerator.project_configuration.project_dir = str(self.run_dir)
-            accelerator.project_configuration.logging_dir = str(self.run_dir)  # TensorBoard writes here
             # TensorBoard's hyper-parameters take numbers, text and booleans only: lists and None become text
             plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in config.items()}
             accelerator.init_trackers(cfg.project, config=plain, init_kwargs=init_kwargs)
@@ -105,7 +103,8 @@ class Tracker:
             artifact = wandb.Artifact(f"alexnet-{self.run_dir.name}", type="model")
             artifact.add_file(str(weights_path))
             self._wandb_run().log_artifact(artifact)
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         if self.offline_note:
             self.accelerator.print(self.offline_note)
 

@@ -1,13 +1,12 @@
-"""Building the trainer (one place, for the CLI, the benchmark and the graph check) and the run's loop.
+"""The training loop, and the one place that builds what it runs (for the CLI, the benchmark and the graph check).
 
-    for epoch in run.epochs():
-        for step_in_epoch in trainer.steps(epoch, run.first_step(epoch)):
-            run.after_step(epoch, step_in_epoch)
-        run.end_epoch(epoch)
-    run.finish()
+    trainer = build_trainer(cfg, accelerator, train_set, num_classes, micro_batch)
+    with Run(plan, accelerator, trainer) as run:     # run.py: run folder, tracker, checkpoints, stops
+        train(trainer, run)
+        model = run.finish()
 """
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import set_seed
@@ -15,12 +14,38 @@ from accelerate.utils import set_seed
 from .checkpoint import load_weights
 from .clock import clock
 from .data import pixel_sample
-from .engine import Trainer, build_optimizer, build_scheduler, evaluate
+from .engine import Meter, NonfiniteGuard, build_average, build_optimizer, build_scheduler, evaluate
 from .loaders import make_loader
 from .model import alexnet
-from .run import Run, print_accuracy
-from .step import GraphedStep, Step
+from .run import print_accuracy
+from .speedups import Speedups
 from .transforms import Augmentation, colour_pca
+
+
+@dataclass
+class Trainer:
+    """What the loop runs, prepared by Accelerate, and the count of optimizer steps taken."""
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object               # stepped per optimizer step, or (plateau) per epoch
+    criterion: torch.nn.Module
+    loader: object                  # this rank's training micro-batches (loaders.py)
+    make_loader: object             # another split -> its evaluation loader, with the same preprocessing
+    average: object                 # the weights' moving average (--ema), or None
+    meter: Meter                    # loss and accuracy, kept on the device
+    guard: NonfiniteGuard           # --skip_nonfinite
+    speedups: Speedups              # CUDA graphs, compilation's first steps
+    graphs: bool = False
+    global_step: int = 0
+
+    @property
+    def plateau(self) -> bool:
+        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
 
 def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None):
@@ -51,31 +76,94 @@ def loader_factory(cfg, accelerator, micro_batch: int, train_set=None):
 
 def build_trainer(cfg, accelerator, train_set, num_classes: int, micro_batch: int, graphs: bool = False,
                   weights: dict | None = None) -> Trainer:
-    """Model, loader, optimizer, schedule and step, prepared: what training, the benchmark and the graph check run."""
+    """Model, loader, optimizer, schedule, loss, average and speed-ups, prepared: what `train` runs."""
     with clock.part("data"):
         make = loader_factory(cfg, accelerator, micro_batch, train_set)
         loader = make(train_set)
     model = build_model(cfg, accelerator, num_classes, weights)
-    optimizer = build_optimizer(model, cfg, accelerator.device, lr_on_device=graphs)
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, loader.steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step = (GraphedStep if graphs else Step)(accelerator, model, optimizer, criterion, cfg.skip_nonfinite)
-    return Trainer(cfg, accelerator, model, optimizer, scheduler, loader, step, make)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: stepped once per optimizer step
+    return Trainer(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), loader=loader, make_loader=make,
+        average=build_average(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema),
+        meter=Meter(accelerator), guard=NonfiniteGuard(accelerator, cfg.skip_nonfinite),
+        speedups=Speedups(accelerator, optimizer, graphs, compiled=cfg.compile != "false"), graphs=graphs)
 
 
-def train(plan, accelerator):
-    """Train as the plan says (from its checkpoint if resuming); returns the unwrapped model."""
-    trainer = build_trainer(plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch,
-                            plan.graphs, plan.weights)
-    with Run(plan, accelerator, trainer) as run:
-        clock.begin("other")  # the start-up ends here
-        for epoch in run.epochs():
-            with contextlib.closing(trainer.steps(epoch, run.first_step(epoch))) as steps:  # closed on a stop too
-                for step_in_epoch in steps:
-                    run.after_step(epoch, step_in_epoch)
-            run.end_epoch(epoch)
-        return run.finish()
+def train(t: Trainer, run) -> None:
+    """The training loop, top to bottom. `run` (run.py) logs, saves checkpoints, validates and watches for stop
+    signals, and says when to stop; the benchmark and the graph check pass lighter ones. Returns at the end of the
+    epochs, or after a stop (then `run.stopped` says why)."""
+    accelerator, model, optimizer, criterion = t.accelerator, t.model, t.optimizer, t.criterion
+
+    def step(images, labels):
+        with accelerator.accumulate(model):  # DDP all-reduces the gradients on the last micro-step only
+            logits = model(images)
+            loss = criterion(logits, labels)
+            accelerator.backward(loss)
+            if t.guard.allows(loss):  # always, unless --skip_nonfinite meets a non-finite loss (it synchronises)
+                optimizer.step()  # Accelerate makes it a no-op before the last micro-step
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+    step = t.speedups.wrap(step)  # the same function, or its CUDA-graph replay (speedups.py)
+    for epoch in run.epochs():
+        model.train()
+        t.meter.start_epoch()
+        first_step = run.begin_epoch(epoch)  # 0, or where the resumed run left off
+        with clock.part("training"):
+            for images, labels in t.loader.train_epoch(epoch, first_step):
+                loss, logits = step(images, labels)
+                t.meter.add(loss, logits, labels, t.global_step + 1)  # on the device: no synchronisation
+                if not accelerator.sync_gradients:
+                    continue  # the optimizer step takes more micro-batches
+                t.global_step += 1
+                if t.average is not None:
+                    t.average.update_parameters(model)
+                if not t.plateau:
+                    t.scheduler.step()  # plateau steps once per epoch, on the validation accuracy
+                if run.after_step():  # log point, checkpoint when due; True after a stop signal or non-finite loss
+                    break
+        if run.stopped or run.end_epoch(epoch):  # validation, curves, checkpoint; True after a stop signal
+            break
+
+
+class Steps:
+    """The lightest `run` for `train`: the given epochs, no run folder, logging, checkpoints or stops; `each_step`
+    is called after every optimizer step (the benchmark and the graph check)."""
+
+    stopped = None
+
+    def __init__(self, epochs, each_step=None):
+        self._epochs, self.each_step = list(epochs), each_step
+
+    def epochs(self):
+        return self._epochs
+
+    def begin_epoch(self, epoch: int) -> int:
+        return 0
+
+    def after_step(self) -> bool:
+        if self.each_step is not None:
+            self.each_step()
+        return False
+
+    def end_epoch(self, epoch: int) -> bool:
+        return False
+
+
+class GivenBatches:
+    """A training loader of given device micro-batches, the same every epoch (the benchmark's ceiling: no data
+    work at all; the graph check's chosen batches)."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.steps_per_epoch = len(self.batches)
+
+    def train_epoch(self, epoch: int, start_step: int = 0):
+        return iter(self.batches)
 
 
 def evaluate_saved(plan, accelerator):

@@ -2,8 +2,8 @@
 
     python scripts/graph_check.py [--steps 12] [--json_path OUT.json]
 
-Each check trains the same initial AlexNet on the same random batches, eagerly and through
-GraphedStep, and compares against a stated tolerance. Exit status 0 when every check passes,
+Each check trains the same initial AlexNet on the same random batches through the training loop
+(alexnet_dist.training.train), eagerly and with CUDA graphs (alexnet_dist.speedups), and compares against a stated tolerance. Exit status 0 when every check passes,
 1 when one fails, 3 when there is no GPU (nothing to check). The checks:
   exact        dropout 0 (the folded classifier), a changing lr: losses and final weights agree
   dropout      dropout 0.5 at lr 0: two replays of one batch give different losses (and, as the
@@ -14,6 +14,7 @@ GraphedStep, and compares against a stated tolerance. Exit status 0 when every c
   compile      torch.compile'd model recorded as a graph: losses agree with the compiled eager step
 """
 
+import dataclasses
 import json
 import sys
 
@@ -23,8 +24,8 @@ import torch
 from alexnet_dist.config import Config
 from alexnet_dist.data import ImageSet
 from alexnet_dist.runtime import build_accelerator
-from alexnet_dist.step import GraphedStep
-from alexnet_dist.training import build_trainer
+from alexnet_dist.speedups import Speedups
+from alexnet_dist.training import GivenBatches, Steps, build_trainer, train
 
 BATCH = 128
 # bf16 autocast: the same kernels run in both paths, but cuDNN may pick other algorithms per run
@@ -47,24 +48,18 @@ class Setup:
         images = torch.zeros(12 * BATCH, 3, 32, 32, dtype=torch.uint8)  # only sets the schedule's epoch length
         trainer = build_trainer(self.cfg, accelerator, ImageSet(torch.zeros(12 * BATCH, dtype=torch.int64), images),
                                 10, BATCH, graphs)
-        self.model, self.optimizer, self.scheduler, self.step = trainer.model, trainer.optimizer, trainer.scheduler, trainer.step
         if compile:  # what Accelerate's dynamo plugin does in prepare()
-            self.model = torch.compile(trainer.model)
-            self.step = type(trainer.step)(accelerator, self.model, self.optimizer, trainer.step.criterion)
-        self.average = trainer.average
+            trainer = dataclasses.replace(trainer, model=torch.compile(trainer.model))
+        self.trainer, self.model, self.optimizer, self.scheduler = trainer, trainer.model, trainer.optimizer, trainer.scheduler
         self.initial = weights(self.model)  # the same names as the trained weights, compiled or not
 
     def train(self, batches) -> list:
+        """One loss per batch (one process: each batch is an optimizer step), through the training loop."""
+        self.trainer.loader = GivenBatches(batches)
         losses = []
-        for images, labels in batches:
-            loss, _ = self.step(images, labels)
-            if self.average is not None:
-                self.average.update()
-            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step()
-            losses.append(float(loss))
-        if isinstance(self.step, GraphedStep) and self.step.eager:
-            raise RuntimeError("GraphedStep fell back to eager steps: nothing was replayed")
+        train(self.trainer, Steps([0], each_step=lambda: losses.append(self.trainer.meter.log_point()[0])))
+        if self.trainer.graphs and self.trainer.speedups.eager:
+            raise RuntimeError("the CUDA graph fell back to eager steps: nothing was replayed")
         return losses
 
     def set_lr(self, value: float):
@@ -94,7 +89,7 @@ def replays_of_one_batch(accelerator, batches, dropout: float) -> list:
     """Losses of replaying one batch at lr 0 (after warm-up and recording on the others)."""
     setup = Setup(accelerator, True, dropout=dropout, schedule="constant")
     setup.set_lr(0.0)
-    setup.train(batches[: GraphedStep.warmup + 1])
+    setup.train(batches[: Speedups.warmup + 1])
     return setup.train([batches[-1]] * 2)
 
 
@@ -115,7 +110,7 @@ def check_dropout_mean(accelerator, batches) -> dict:
 def check_plateau(accelerator, batches) -> dict:
     setup = Setup(accelerator, True, dropout=0.0, schedule="plateau", plateau_patience=0, momentum=0.0, nesterov=False,
                   weight_decay=0.0, lr=0.01)
-    setup.train(batches[: GraphedStep.warmup + 1])
+    setup.train(batches[: Speedups.warmup + 1])
 
     def update_size():
         before = weights(setup.model)
@@ -130,7 +125,7 @@ def check_plateau(accelerator, batches) -> dict:
     size_after = update_size()
     ratio = size_before / max(size_after, 1e-30)
     low, high = PLATEAU_RATIO
-    recorded = setup.step.recorded_lr[0] is setup.optimizer.param_groups[0]["lr"]
+    recorded = setup.trainer.speedups.recorded_lr[0] is setup.optimizer.param_groups[0]["lr"]
     return {"passed": low <= ratio <= high and recorded and abs(lr_after - 0.001) < 1e-9,
             "lr_after_plateau": lr_after, "update_before": size_before, "update_after": size_after,
             "ratio": ratio, "allowed_ratio": PLATEAU_RATIO, "recorded_lr_tensor_in_place": recorded}
@@ -140,8 +135,9 @@ def check_ema(accelerator, batches) -> dict:
     eager, graphed = Setup(accelerator, False, dropout=0.0, ema=0.99), Setup(accelerator, True, dropout=0.0, ema=0.99)
     eager.train(batches)
     graphed.train(batches)
-    moved = max((a - b.float()).abs().max().item() for a, b in zip(eager.average.average, eager.initial.values()))
-    difference = max((a - b).abs().max().item() for a, b in zip(eager.average.average, graphed.average.average))
+    eager_average, graph_average = (list(setup.trainer.average.module.parameters()) for setup in (eager, graphed))
+    moved = max((a - b.float()).abs().max().item() for a, b in zip(eager_average, eager.initial.values()))
+    difference = max((a - b).abs().max().item() for a, b in zip(eager_average, graph_average))
     return {"passed": moved > 0 and difference <= WEIGHT_TOLERANCE * moved, "max_average_difference": difference,
             "max_average_change": moved, "tolerance": f"{WEIGHT_TOLERANCE} x change"}
 

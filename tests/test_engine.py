@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from alexnet_dist.cli import parse_flags
 from alexnet_dist.config import UsageError
 from alexnet_dist.data import ImageSet
-from alexnet_dist.engine import TTA_VIEWS, WeightAverage, evaluate, lr_factor
+from alexnet_dist.engine import TTA_VIEWS, build_average, evaluate, lr_factor
 from alexnet_dist.loaders import DeviceLoader
 from alexnet_dist.transforms import Augmentation, draw_plan
 
@@ -80,18 +80,20 @@ def test_evaluation_modes_average_the_right_views_and_count_every_image_once():
     assert not torch.equal(expected["none"], expected["flip"]) and not torch.equal(expected["flip"], expected["ten"])
 
 
-def test_weight_average_tracks_and_swaps_back():
+def test_weight_average_copies_then_moves_by_one_minus_decay():
+    """--ema: the first update copies the weights, each later one moves the average by (1 - decay) toward them."""
     model = torch.nn.Linear(2, 1)
+    average = build_average(model, decay=0.75)
     with torch.no_grad():
-        model.weight.fill_(0.0)
-    average = WeightAverage(model, decay=0.5)
+        model.weight.fill_(4.0)
+    average.update_parameters(model)
+    assert torch.equal(average.module.weight, torch.full((1, 2), 4.0))
     with torch.no_grad():
-        model.weight.fill_(1.0)
-    average.update()  # early decay: min(0.5, 2/11) = 0.18
-    assert torch.allclose(average.average[0], torch.full((1, 2), 1 - 2 / 11))
-    with average.swapped_in():
-        assert torch.allclose(model.weight, torch.full((1, 2), 1 - 2 / 11))
-    assert torch.equal(model.weight, torch.ones(1, 2))
+        model.weight.fill_(8.0)
+    average.update_parameters(model)
+    assert torch.allclose(average.module.weight, torch.full((1, 2), 4.0 + 0.25 * (8.0 - 4.0)))
+    assert torch.equal(model.weight, torch.full((1, 2), 8.0))  # the model keeps its own weights
+    assert build_average(model, decay=0.0) is None
 
 
 def test_schedules():

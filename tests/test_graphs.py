@@ -8,9 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from alexnet_dist.config import Config
-from alexnet_dist.engine import build_optimizer, build_scheduler
-from alexnet_dist.step import GraphedStep, Step
-from alexnet_dist.model import alexnet
+from alexnet_dist.speedups import Speedups, use_cuda_graphs
+from alexnet_dist.training import GivenBatches, Steps, build_trainer, train
 
 
 class FakeStream:
@@ -59,16 +58,18 @@ def cuda_stand_ins(monkeypatch):
     return monkeypatch
 
 
-def build(step_class, lr_on_device):
-    cfg = Config.from_flags({"logger": "none", "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0.5, "lr": 0.002})
+def build(graphs: bool):
+    """A trainer as training builds it (dropout 0, warm-up then linear decay), and the batches it trains on."""
+    from alexnet_dist.data import ImageSet
+
+    cfg = Config.from_flags({"logger": "none", "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0.5, "lr": 0.002,
+                             "dropout": 0.0, "resize": 64})
     accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    model = alexnet(init="kaiming", dropout=0.0)
-    optimizer = build_optimizer(model, cfg, accelerator.device, lr_on_device=lr_on_device)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=6)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    BUILT.update(model=model, optimizer=optimizer)
-    return step_class(accelerator, model, optimizer, torch.nn.CrossEntropyLoss()), model, scheduler
+    images = torch.zeros(48, 3, 64, 64, dtype=torch.uint8)  # only sets the schedule's epoch length (6 steps)
+    trainer = build_trainer(cfg, accelerator, ImageSet(torch.zeros(48, dtype=torch.int64), images), 10, 8, graphs)
+    BUILT.update(model=trainer.model, optimizer=trainer.optimizer)
+    trainer.loader = GivenBatches(batches())
+    return trainer
 
 
 def batches(count=6):
@@ -77,12 +78,9 @@ def batches(count=6):
             for _ in range(count)]
 
 
-def train(step, scheduler):
+def losses_of(trainer) -> list:
     losses = []
-    for images, labels in batches():
-        loss, _ = step(images, labels)
-        scheduler.step()
-        losses.append(float(loss))
+    train(trainer, Steps([0], each_step=lambda: losses.append(trainer.meter.log_point()[0])))
     return losses
 
 
@@ -93,44 +91,58 @@ def test_a_failing_graph_leaves_an_eager_run_that_trains_the_same(cuda_stand_ins
     else:
         cuda_stand_ins.setattr(torch.cuda, "graph", silent_capture)
         FakeGraph.fail_replay = True
-    graphed, graphed_model, graphed_scheduler = build(GraphedStep, lr_on_device=True)
-    graphed_losses = train(graphed, graphed_scheduler)
-    eager, eager_model, eager_scheduler = build(Step, lr_on_device=False)
-    eager_losses = train(eager, eager_scheduler)
+    graphed = build(graphs=True)
+    graphed_losses = losses_of(graphed)
+    eager = build(graphs=False)
+    eager_losses = losses_of(eager)
     lines = [line for line in capsys.readouterr().out.splitlines() if "CUDA graphs off" in line]
     assert len(lines) == 1 and "RuntimeError" in lines[0] and "more detail" not in lines[0]
-    assert graphed.eager and graphed.graph is None
+    assert graphed.speedups.eager and graphed.speedups.graph is None
+    assert all(isinstance(group["lr"], float) for group in graphed.optimizer.param_groups)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
-    for (name, a), (_, b) in zip(graphed_model.state_dict().items(), eager_model.state_dict().items()):
+    for (name, a), (_, b) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
 
 
 def test_a_replaced_learning_rate_goes_back_into_the_recorded_tensor(cuda_stand_ins):
-    cuda_stand_ins.setattr(torch.cuda, "graph", silent_capture)
-    step, _, _ = build(GraphedStep, lr_on_device=True)
-    data = batches(GraphedStep.warmup + 2)
-    for images, labels in data[: GraphedStep.warmup + 1]:  # the last one records
-        step(images, labels)
-    group = step.optimizer.param_groups[0]
-    recorded = step.recorded_lr[0]
-    assert group["lr"] is recorded
+    cuda_stand_ins.setattr(torch.cuda, "graph", lambda graph, **options: contextlib.nullcontext())
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(images, labels):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), None
+
+    speedups = Speedups(Accelerator(cpu=True), optimizer, graphs=True)
+    step = speedups.wrap(step)
+    batch = torch.ones(3, 4), torch.zeros(3, dtype=torch.int64)
+    for _ in range(Speedups.warmup + 1):  # the last one records
+        step(*batch)
+    group = optimizer.param_groups[0]
+    recorded = speedups.recorded_lr[0]
+    assert group["lr"] is recorded and recorded.item() == pytest.approx(0.1)
     group["lr"] = 0.0123  # what a scheduler that assigns a float (ReduceLROnPlateau) leaves behind
-    step(*data[-1])
+    step(*batch)
     assert group["lr"] is recorded and recorded.item() == pytest.approx(0.0123)
-    assert not step.eager and step.replays == 2
+    assert not speedups.eager and speedups.replays == 2
 
 
-def test_auto_graphs_stay_off_with_the_stream_loader():
+def test_graphs_are_off_by_default_and_auto_leaves_them_off_with_the_stream_loader():
     from types import SimpleNamespace
 
-    from alexnet_dist.step import use_cuda_graphs
-
-    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, mixed_precision="bf16")
-    cfg = Config.from_flags({"logger": "none"})
-    assert use_cuda_graphs(cfg, one_gpu) and not use_cuda_graphs(cfg, one_gpu, streaming=True)
-    assert not use_cuda_graphs(cfg, SimpleNamespace(device=torch.device("cuda"), num_processes=2, mixed_precision="bf16"))
+    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    assert not use_cuda_graphs(Config.from_flags({"logger": "none"}), one_gpu, "bf16")  # not yet measured on a GPU
+    auto = Config.from_flags({"logger": "none", "cuda_graphs": "auto"})
+    assert use_cuda_graphs(auto, one_gpu, "bf16") and not use_cuda_graphs(auto, one_gpu, "bf16", streaming=True)
+    assert not use_cuda_graphs(auto, one_gpu, "fp16")
+    assert not use_cuda_graphs(auto, SimpleNamespace(device=torch.device("cuda"), num_processes=2), "bf16")
+    assert not use_cuda_graphs(Config.from_flags({"logger": "none", "cuda_graphs": "auto", "skip_nonfinite": True}),
+                               one_gpu, "bf16")
     forced = Config.from_flags({"logger": "none", "cuda_graphs": "true"})
-    assert use_cuda_graphs(forced, one_gpu, streaming=True)  # asked for: the user's choice
+    assert use_cuda_graphs(forced, one_gpu, "bf16", streaming=True)  # asked for: the user's choice
 
 
 def test_graph_check_script_runs_its_checks(cuda_stand_ins):
@@ -148,12 +160,12 @@ def test_graph_check_script_runs_its_checks(cuda_stand_ins):
     accelerator = Accelerator(cpu=True)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(10, (8,), generator=generator))
-               for _ in range(GraphedStep.warmup + 2)]
+               for _ in range(Speedups.warmup + 2)]
 
     def track(setup_init):
         def init(self, *args, **kwargs):
             setup_init(self, *args, **kwargs)
-            BUILT.update(model=self.model, optimizer=self.optimizer)
+            BUILT.update(model=self.trainer.model, optimizer=self.trainer.optimizer)
         return init
 
     cuda_stand_ins.setattr(graph_check.Setup, "__init__", track(graph_check.Setup.__init__))

@@ -373,9 +373,9 @@ def test_cuda_graphs_stay_off_with_the_stream_loader_on_data_in_memory():
     from alexnet_dist.cli import parse_flags
     from alexnet_dist.preflight import preflight
 
-    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, process_index=0, is_main_process=True,
-                              mixed_precision="bf16")
-    graphs = {loader: preflight(parse_flags(QUICK + ["--loader", loader]), one_gpu).graphs for loader in ("device", "stream")}
+    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, process_index=0, is_main_process=True)
+    flags = QUICK + ["--cuda_graphs", "auto", "--mixed_precision", "bf16"]
+    graphs = {loader: preflight(parse_flags(flags + ["--loader", loader]), one_gpu).graphs for loader in ("device", "stream")}
     assert graphs == {"device": True, "stream": False}
 
 

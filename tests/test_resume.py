@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
-from alexnet_dist.step import Step
 from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
 
 HELPER = ROOT / "tests" / "rank_weights.py"
@@ -179,28 +178,42 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000005"]
 
 
-def test_skipping_nonfinite_steps_leaves_the_weights_alone():
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = Step(accelerator, model, optimizer, torch.nn.CrossEntropyLoss(), skip_nonfinite=True)
-    before = [p.detach().clone() for p in model.parameters()]
-    loss, _ = step(torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.int64))
-    assert not torch.isfinite(loss)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    step(torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
-    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    # the skipped step left no trace: the same model stepped once on the good batch only ends identical
-    reference = torch.nn.Linear(4, 2)
-    with torch.no_grad():
-        for target, source in zip(reference.parameters(), before):
-            target.copy_(source)
-    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
-    torch.nn.CrossEntropyLoss()(reference(torch.ones(3, 4)), torch.zeros(3, dtype=torch.int64)).backward()
-    plain.step()
-    assert all(torch.allclose(a, b) for a, b in zip(reference.parameters(), model.parameters()))
+OPTIMIZERS = {"fused SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+              "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+              "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1)}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_skipping_nonfinite_steps_leaves_no_trace_with_any_optimizer(name):
+    """--skip_nonfinite through the training loop: a NaN batch's step changes nothing (weights, optimizer state),
+    so the run ends exactly as one that only ever saw the good batch."""
+    from alexnet_dist.engine import Meter, NonfiniteGuard
+    from alexnet_dist.speedups import Speedups
+    from alexnet_dist.training import GivenBatches, Steps, Trainer, train
+
+    def trainer(batches, skip):
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(4, 2)
+        model, optimizer = accelerator.prepare(model, OPTIMIZERS[name](model.parameters()))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return Trainer(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                       criterion=torch.nn.CrossEntropyLoss(), loader=GivenBatches(batches), make_loader=None, average=None,
+                       meter=Meter(accelerator), guard=NonfiniteGuard(accelerator, skip), speedups=Speedups(accelerator, optimizer))
+
+    bad, good = (torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.int64)), (torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
+    skipping, reference = trainer([bad, good], skip=True), trainer([good], skip=False)
+    initial = [p.detach().clone() for p in skipping.model.parameters()]
+    after_each = []
+    train(skipping, Steps([0], each_step=lambda: after_each.append([p.detach().clone() for p in skipping.model.parameters()])))
+    train(reference, Steps([0]))
+    assert all(torch.equal(a, b) for a, b in zip(after_each[0], initial))  # the NaN step was skipped
+    assert skipping.meter.nonfinite() == (1, 1)  # and counted
+    assert all(torch.equal(a, b) for a, b in zip(skipping.model.parameters(), reference.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(skipping.model.parameters(), initial))
+    unguarded = trainer([bad, good], skip=False)
+    train(unguarded, Steps([0]))
+    assert not all(torch.isfinite(p).all() for p in unguarded.model.parameters())  # what the guard prevents
 
 
 # ---------------------------------------------------------------- bad input around checkpoints and data
