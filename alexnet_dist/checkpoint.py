@@ -8,7 +8,6 @@ seed's files) load too.
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -109,7 +108,6 @@ class Checkpoints:
         accelerator.save_state(str(temporary), safe_serialization=False)
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            time.sleep(float(os.environ.get("ALEXNET_DIST_TEST_SAVE_PAUSE", 0)))  # tests: a kill inside a save
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():

@@ -24,7 +24,7 @@ from torchvision.io import write_png
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.data import fake
-from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 
 # fp32 and a schedule blind to num_epochs (bit-exact comparisons), a checkpoint at every epoch end
 EXACT = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes", "0"]
@@ -103,8 +103,8 @@ class Launched:
         return self.process.returncode
 
 
-def launch(args, cwd, env=None) -> Launched:
-    return Launched([sys.executable, str(TRAIN), *map(str, args)], cwd, env or cli_env())
+def launch(args, cwd, env=None, script=TRAIN) -> Launched:
+    return Launched([sys.executable, str(script), *map(str, args)], cwd, env or cli_env())
 
 
 def free_port() -> int:
@@ -490,7 +490,7 @@ def test_sigint_stops_after_the_current_step_with_a_checkpoint_and_status_130(tm
 
 def test_a_second_sigint_stops_at_once(tmp_path):
     run = launch(QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"], tmp_path,
-                 env=cli_env(ALEXNET_DIST_TEST_SAVE_PAUSE="600"))  # the save after the first Ctrl-C takes 10 minutes
+                 script=paused_save(tmp_path, 600))  # the save after the first Ctrl-C takes 10 minutes
     folder = tmp_path / "run" / "checkpoints"
     run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
     run.process.send_signal(signal.SIGINT)
