@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
 
 from .config import UsageError
 from .files import atomic_write
@@ -66,9 +68,8 @@ def read_image(path) -> torch.Tensor:
     except Exception:
         pass
     try:
-        from PIL import Image
         with Image.open(path) as image:
-            return torch.from_numpy(__import__("numpy").asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            return pil_to_tensor(image.convert("RGB"))
     except Exception as error:
         raise UnreadableImage(f"{path}: cannot be read as an image ({type(error).__name__})") from None
 
