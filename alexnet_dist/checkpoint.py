@@ -86,6 +86,9 @@ STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (STATE_FILE, "pytorch_model.bin", "optimizer.bin")
 
 
+# Not Accelerate's ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N): its save_state deletes
+# the oldest checkpoints before it writes the new one, and writes checkpoint_<save count> in place, so a kill
+# leaves a half-written newest folder (with total_limit=1, and no other); it keeps no best checkpoint.
 class Checkpoints:
     """Full training states in RUN_DIR/checkpoints/step-<global step>/, each complete or absent.
 
