@@ -8,7 +8,6 @@ seed's files) load too.
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -87,6 +86,9 @@ STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (STATE_FILE, "pytorch_model.bin", "optimizer.bin")
 
 
+# Not Accelerate's ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N): its save_state deletes
+# the oldest checkpoints before it writes the new one, and writes checkpoint_<save count> in place, so a kill
+# leaves a half-written newest folder (with total_limit=1, and no other); it keeps no best checkpoint.
 class Checkpoints:
     """Full training states in RUN_DIR/checkpoints/step-<global step>/, each complete or absent.
 
@@ -109,7 +111,6 @@ class Checkpoints:
         accelerator.save_state(str(temporary), safe_serialization=False)
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            time.sleep(float(os.environ.get("ALEXNET_DIST_TEST_SAVE_PAUSE", 0)))  # tests: a kill inside a save
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():

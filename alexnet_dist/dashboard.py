@@ -13,6 +13,7 @@ import torch
 
 from .engine import view_probabilities
 from .files import atomic_write
+from .plot import new_figure
 
 POOL, SAMPLE, MISTAKES, PAIRS, PER_PAIR = 1000, 100, 10, 4, 6
 
@@ -58,10 +59,8 @@ def most_confused(confusion: torch.Tensor, count: int) -> list:
 
 def draw_pairs(pairs, images, labels, predicted, classes, path: Path) -> Path:
     """One row per confused pair: examples of true class a predicted as b."""
-    from .plot import _pyplot
-
-    plt = _pyplot()
-    figure, axes = plt.subplots(len(pairs), PER_PAIR, figsize=(1.6 * PER_PAIR, 1.8 * len(pairs)), dpi=100, squeeze=False)
+    figure = new_figure(figsize=(1.6 * PER_PAIR, 1.8 * len(pairs)), dpi=100)
+    axes = figure.subplots(len(pairs), PER_PAIR, squeeze=False)
     for row, (true, guess, count) in enumerate(pairs):
         examples = ((labels == true) & (predicted == guess)).nonzero().flatten()[:PER_PAIR].tolist()
         for column in range(PER_PAIR):
@@ -72,5 +71,4 @@ def draw_pairs(pairs, images, labels, predicted, classes, path: Path) -> Path:
         axes[row][0].set_title(f"{classes[true]} -> {classes[guess]} ({count})", loc="left", fontsize=9)
     figure.tight_layout()
     atomic_write(path, figure.savefig)
-    plt.close(figure)
     return path

@@ -1,8 +1,9 @@
 """Data sets as uint8 image tensors: CIFAR-10, an image folder, or generated images; splits; cache.
 
 Every source ends as `ImageSet`s (uint8 images N x 3 x H x W plus int64 labels), decoded once:
-CIFAR-10 from its python batches (downloaded by the main process), an image folder decoded by
-DataLoader workers and cached beside the data, keyed on its file list, or generated images.
+CIFAR-10 from its python batches, read and md5-checked by torchvision (downloaded by the main
+process), an image folder decoded by DataLoader workers and cached beside the data, keyed on its
+file list, or generated images.
 A folder too large to decode into memory stays a list of files for the stream loader.
 The validation split is carved out of the training images by a seeded permutation, so every rank
 (and every run with the same seed) holds the same split.
@@ -10,15 +11,18 @@ The validation split is carved out of the training images by a seeded permutatio
 
 import hashlib
 import os
-import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
 
 from .config import UsageError
 from .files import atomic_write
@@ -66,9 +70,8 @@ def read_image(path) -> torch.Tensor:
     except Exception:
         pass
     try:
-        from PIL import Image
         with Image.open(path) as image:
-            return torch.from_numpy(__import__("numpy").asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            return pil_to_tensor(image.convert("RGB"))
     except Exception as error:
         raise UnreadableImage(f"{path}: cannot be read as an image ({type(error).__name__})") from None
 
@@ -174,38 +177,10 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
 # ---------------------------------------------------------------- sources
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="bytes")
-
-
-def _cifar10_batches(folder: Path, names) -> ImageSet:
-    images, labels = [], []
-    for name in names:
-        path = folder / name
-        try:
-            batch = _unpickle(path)
-            data = torch.frombuffer(bytearray(batch[b"data"]), dtype=torch.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = torch.tensor(batch[b"labels"], dtype=torch.int64)
-            if len(batch_labels) != len(data):
-                raise ValueError("labels and images differ in number")
-        except Exception as error:
-            raise UsageError(
-                f"{path} is missing or corrupt ({type(error).__name__}): delete {folder} "
-                f"(and {folder.parent / 'cifar-10-python.tar.gz'}) and run again to download it afresh"
-            ) from None
-        images.append(data)
-        labels.append(batch_labels)
-    return ImageSet(torch.cat(labels), torch.cat(images))
-
-
 def download_cifar10(root: Path):
     """Download and verify CIFAR-10 into `root` unless its batches are there (main process only)."""
     if (root / CIFAR10_FOLDER).is_dir():
         return
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
-
     archive = root / CIFAR10.filename
     if archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5):
         raise UsageError(f"{archive} is corrupt or partly downloaded (its checksum is wrong): delete it and run again")
@@ -219,14 +194,19 @@ def download_cifar10(root: Path):
 
 
 def cifar10(root: Path) -> tuple:
+    """(training, test, class names) of the CIFAR-10 batches in `root`, each file checked against its md5."""
     folder = root / CIFAR10_FOLDER
-    train = _cifar10_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
-    test = _cifar10_batches(folder, ["test_batch"])
     try:
-        classes = [name.decode() for name in _unpickle(folder / "batches.meta")[b"label_names"]]
-    except Exception:
-        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return train, test, classes
+        splits = CIFAR10(str(root), train=True), CIFAR10(str(root), train=False)
+    except RuntimeError:  # torchvision's "not found or corrupted", for any batch file or batches.meta
+        raise UsageError(
+            f"{folder} is incomplete or corrupt (a file is missing or its md5 is wrong): delete {folder} "
+            f"(and {root / CIFAR10.filename}) and run again to download it afresh"
+        ) from None
+    train, test = (ImageSet(torch.tensor(split.targets, dtype=torch.int64),
+                            torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous())  # from N x H x W x 3
+                   for split in splits)
+    return train, test, splits[0].classes
 
 
 def scan_folder(root: Path, split: str, classes=None) -> tuple:

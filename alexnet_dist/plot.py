@@ -29,24 +29,22 @@ def read_metrics(run_dir) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(**options):
+    """A matplotlib Figure to draw into and save: no pyplot, so no GUI backend, no global figure to close."""
+    from matplotlib.figure import Figure  # here, not at the top: half a second more at every rank's start
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**options)
 
 
 def draw_curves(run_dirs, out_dir, labels=None) -> list:
     """One PNG per curve in `out_dir`, each run a line; returns (file written, runs drawn in it) pairs."""
-    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(label, read_metrics(run_dir)) for label, run_dir in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
     written = []
     for metric, label, name in CURVES:
-        figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+        figure = new_figure(figsize=(6, 4), dpi=100)
+        axes = figure.subplots()
         drawn = 0
         for run_label, rows in runs:
             points = [(row["step"], row[metric]) for row in rows if metric in row]
@@ -60,16 +58,15 @@ def draw_curves(run_dirs, out_dir, labels=None) -> list:
             axes.legend()
         figure.tight_layout()
         written.append((atomic_write(out_dir / name, figure.savefig), drawn))
-        plt.close(figure)
     return written
 
 
 def draw_confusion(confusion, classes, path) -> Path:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
-    plt = _pyplot()
     rates = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
     size = max(4, 0.5 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size), dpi=100)
+    figure = new_figure(figsize=(size, size), dpi=100)
+    axes = figure.subplots()
     axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(len(classes)), classes, rotation=90)
     axes.set_yticks(range(len(classes)), classes)
@@ -83,7 +80,6 @@ def draw_confusion(confusion, classes, path) -> Path:
                           color="white" if value > 0.5 else "black")
     figure.tight_layout()
     atomic_write(path, figure.savefig)
-    plt.close(figure)
     return Path(path)
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights
 from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
 from .engine import view_probabilities
 from .files import write_text
-from .model import alexnet
+from .training import build_model
 from .transforms import Augmentation
 
 
@@ -42,9 +41,7 @@ def predict(plan, accelerator) -> list:
     """[{file, top: [{class, probability}]}] for every readable image; printed and optionally saved."""
     cfg, paths, weights = plan.cfg, plan.predict_paths, plan.weights
     classes = weights["classes"] or [str(i) for i in range(weights["architecture"]["num_classes"])]
-    model = alexnet(num_classes=len(classes), groups=cfg.groups)
-    load_weights(model, cfg.load_model_path, weights)
-    model = accelerator.prepare(model).eval()
+    model = accelerator.prepare(build_model(cfg, accelerator, len(classes), weights)).eval()
     augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, accelerator.device,
                                 channels_last=accelerator.device.type == "cuda")
     top_k = min(cfg.top_k, len(classes))

@@ -143,6 +143,9 @@ class RunStopped(Exception):
         self.code = code
 
 
+# Not accelerator.set_trigger()/check_trigger(): that is a 0/1 flag one rank sets and an all-reduce sums. It knows
+# nothing of signals: the handlers, the second Ctrl-C and which signal came (the exit status) would still be ours,
+# and the checkpoint-due flag that rides on our one collective would need another of its own.
 class StopSignals:
     """SIGTERM and SIGINT ask the run to stop after the current optimizer step; a second SIGINT stops at once.
 

@@ -37,6 +37,30 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subp
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
 
 
+PAUSED_SAVE = """\
+import os, sys, time
+from pathlib import Path
+from alexnet_dist.cli import main
+rename = os.replace
+
+def rename_late(source, target):
+    if Path(source).name.startswith(".tmp-"):  # a checkpoint's temporary folder, whole, about to be published
+        time.sleep({seconds})
+    rename(source, target)
+
+os.replace = rename_late
+main(sys.argv[1:])
+"""
+
+
+def paused_save(folder: Path, seconds: float) -> Path:
+    """A launch script that runs the CLI with every checkpoint held `seconds` in its temporary folder, complete,
+    before the rename that publishes it: a kill or a signal sent then lands inside a save."""
+    script = folder / "paused_save.py"
+    script.write_text(PAUSED_SAVE.format(seconds=seconds))
+    return script
+
+
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """Every test runs in its own empty folder, without a tracker reaching the network."""

@@ -11,6 +11,7 @@ from alexnet_dist.config import Config, UsageError
 from alexnet_dist.data import ImageSet, fake, load_data, split_indices
 from alexnet_dist.loaders import make_loader
 from alexnet_dist.transforms import Augmentation, colour_pca, draw_plan
+from fake_cifar10 import CIFAR_CLASSES, cifar_members, md5_lists
 
 CPU = torch.device("cpu")
 
@@ -179,23 +180,26 @@ def test_folder_errors_name_the_problem(tmp_path):
         load_data(folder_config(tmp_path / "broken"), CPU, writer=True)
 
 
-def test_cifar10_batches_on_disk(tmp_path):
+def test_cifar10_batches_on_disk_are_read_and_checked(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = torch.randint(10, (4,), generator=generator)
-        pixels = torch.randint(0, 256, (4, 3072), dtype=torch.uint8, generator=generator)
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": pixels.numpy(), b"labels": labels.tolist()}, handle)
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+    members = cifar_members(per_batch=4)
+    for name, data in members.items():
+        (folder / name).write_bytes(data)
+    for name, value in md5_lists(members).items():  # torchvision checks every file against the real data set's md5s
+        monkeypatch.setattr(CIFAR10, name, value)
     data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4}), CPU, writer=True)
-    assert len(data.train) == 15 and len(data.val) == 5 and len(data.test) == 4
-    assert data.classes[0] == "c0" and data.train.images.shape == (15, 3, 32, 32)
+    assert len(data.train) == 15 and len(data.val) == 5 and data.classes == CIFAR_CLASSES
+    # the format: a row of 3072 bytes is the red, green and blue 32 x 32 planes; the test split keeps the file's order
+    test_batch = pickle.loads(members["test_batch"], encoding="latin1")
+    assert torch.equal(data.test.images, torch.from_numpy(test_batch["data"]).reshape(4, 3, 32, 32))
+    assert data.test.labels.tolist() == test_batch["labels"]
     (folder / "data_batch_3").write_bytes(b"truncated")
-    with pytest.raises(UsageError, match="data_batch_3 is missing or corrupt"):
+    with pytest.raises(UsageError) as error:
         load_data(Config.from_flags({"data_dir": str(tmp_path), "batch_size": 4}), CPU, writer=True)
+    assert str(error.value).startswith(f"{folder} is incomplete or corrupt") and f"delete {folder} " in str(error.value)
 
 
 def test_translation_mirrors_the_borders():

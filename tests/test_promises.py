@@ -5,26 +5,23 @@
 
 import hashlib
 import http.server
-import io
 import json
-import pickle
 import re
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.io import write_png
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.data import fake
-from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
+from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 
 # fp32 and a schedule blind to num_epochs (bit-exact comparisons), a checkpoint at every epoch end
 EXACT = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes", "0"]
@@ -103,8 +100,8 @@ class Launched:
         return self.process.returncode
 
 
-def launch(args, cwd, env=None) -> Launched:
-    return Launched([sys.executable, str(TRAIN), *map(str, args)], cwd, env or cli_env())
+def launch(args, cwd, env=None, script=TRAIN) -> Launched:
+    return Launched([sys.executable, str(script), *map(str, args)], cwd, env or cli_env())
 
 
 def free_port() -> int:
@@ -144,49 +141,6 @@ def exit_recorder(folder: Path) -> Path:
 
 # ---------------------------------------------------------------- CIFAR-10, downloaded by the main process
 
-CIFAR_CLASSES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett"]
-
-
-class Py2Text(str):
-    """A Python 2 `str` in a pickle, as in CIFAR-10's own files: bytes when read with encoding='bytes' (data.py),
-    text when read with encoding='latin1' (torchvision)."""
-
-
-class Py2Pickler(pickle._Pickler):
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_text(self, text):
-        data = text.encode("latin1")
-        self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-
-    dispatch[Py2Text] = save_py2_text
-
-
-def py2_pickle(value) -> bytes:
-    buffer = io.BytesIO()
-    Py2Pickler(buffer, protocol=2).dump(value)
-    return buffer.getvalue()
-
-
-def cifar_archive(per_batch: int = 40) -> tuple:
-    """(cifar-10-python.tar.gz bytes, md5 of every member) of a CIFAR-10 in the real format, `per_batch` images a batch."""
-    generator = np.random.default_rng(0)
-    members = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        members[name] = py2_pickle({
-            Py2Text("batch_label"): Py2Text(name),
-            Py2Text("labels"): [int(label) for label in generator.integers(0, 10, per_batch)],
-            Py2Text("data"): generator.integers(0, 256, (per_batch, 3072), dtype=np.uint8)})
-    members["batches.meta"] = py2_pickle({Py2Text("label_names"): [Py2Text(name) for name in CIFAR_CLASSES],
-                                          Py2Text("num_vis"): 3072})
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue(), {name: hashlib.md5(data).hexdigest() for name, data in members.items()}
-
 
 class ArchiveServer:
     """The archive on a loopback HTTP server, in a thread; `requests` lists the paths asked for."""
@@ -225,21 +179,19 @@ main(sys.argv[1:])
 """
 
 
-def torchvision_pointed_at(url: str, archive: bytes, md5s: dict) -> dict:
+def torchvision_pointed_at(url: str, archive: bytes, members: dict) -> dict:
     """The class attributes of torchvision's CIFAR10 that make it download and check this archive."""
-    return {"url": url, "tgz_md5": hashlib.md5(archive).hexdigest(),
-            "train_list": [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)],
-            "test_list": [["test_batch", md5s["test_batch"]]],
-            "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5s["batches.meta"]}}
+    return {"url": url, "tgz_md5": hashlib.md5(archive).hexdigest(), **md5_lists(members)}
 
 
 def test_cifar10_is_downloaded_once_by_the_main_process_while_the_other_rank_waits(tmp_path, monkeypatch):
     from torchvision.datasets import CIFAR10
 
-    archive, md5s = cifar_archive()
+    members = cifar_members()
+    archive = cifar_archive(members)
     server = ArchiveServer(archive)
     try:
-        attributes = torchvision_pointed_at(server.url, archive, md5s)
+        attributes = torchvision_pointed_at(server.url, archive, members)
         for name, value in attributes.items():
             monkeypatch.setattr(CIFAR10, name, value)
         CIFAR10(str(tmp_path / "one_download"), train=True, download=True)  # what one download asks the server
@@ -490,7 +442,7 @@ def test_sigint_stops_after_the_current_step_with_a_checkpoint_and_status_130(tm
 
 def test_a_second_sigint_stops_at_once(tmp_path):
     run = launch(QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"], tmp_path,
-                 env=cli_env(ALEXNET_DIST_TEST_SAVE_PAUSE="600"))  # the save after the first Ctrl-C takes 10 minutes
+                 script=paused_save(tmp_path, 600))  # the save after the first Ctrl-C takes 10 minutes
     folder = tmp_path / "run" / "checkpoints"
     run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
     run.process.send_signal(signal.SIGINT)

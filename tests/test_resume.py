@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
-from conftest import QUICK, ROOT, TRAIN, cli_env, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 
 HELPER = ROOT / "tests" / "rank_weights.py"
 # 5 steps per epoch, a schedule blind to num_epochs, fp32 (bit-exact comparisons)
@@ -33,8 +33,8 @@ def identical(a: dict, b: dict) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 
 
-def launch(args, cwd, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(TRAIN), *map(str, args)], cwd=cwd, env=env or cli_env(),
+def launch(args, cwd, env=None, script=TRAIN) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env or cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -137,15 +137,15 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 
 def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
-    """SIGKILL right after a checkpoint appears, and in the middle of writing one (held open by a test-only
-    pause); every resume finds a valid checkpoint and the run ends as an uninterrupted one."""
+    """SIGKILL right after a checkpoint appears, and in the middle of writing one (held open by a launch script
+    that delays its rename); every resume finds a valid checkpoint and the run ends as an uninterrupted one."""
     flags = KAIMING + ["--num_epochs", "3", "--run_dir", "run", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
     folder = tmp_path / "run" / "checkpoints"
     last_step = 0
     for trial in range(10):
         during_save = trial % 3 == 1
-        env = cli_env(ALEXNET_DIST_TEST_SAVE_PAUSE="30") if during_save else None
-        process = launch(flags + (["--resume", "latest"] if trial else []), tmp_path, env=env)
+        script = paused_save(tmp_path, 30) if during_save else TRAIN
+        process = launch(flags + (["--resume", "latest"] if trial else []), tmp_path, script=script)
         if during_save:  # the temporary folder holds the whole state and the run sleeps before renaming it
             wait_for(lambda: any((path / "trainer_state.json").exists() for path in folder.glob(".tmp-*")), process)
         else:

@@ -2,6 +2,8 @@
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,10 +74,10 @@ def test_launch_does_not_change_what_is_learned(tmp_path):
 
 
 def test_console_script_takes_the_same_flags(tmp_path):
-    script = Path(__import__("sys").executable).parent / "alexnet-dist-train"
+    script = Path(sys.executable).parent / "alexnet-dist-train"
     if not script.exists():
         pytest.skip("package not installed with pip install -e .")
-    result = __import__("subprocess").run([str(script), "--batch_size", "0"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([str(script), "--batch_size", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--batch_size must be at least 1" in result.stderr
 
 
