@@ -179,6 +179,10 @@ class Config:
     grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)", number(int, low=1))
     mixed_precision: str = flag("auto", "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16",
                                 choice("auto", "no", "fp16", "bf16"))
+    # not "learned": like mixed_precision it only rounds the numbers (here the averaged gradients), so a resume may change it
+    ddp_comm_hook: str = flag("none", "round gradients to 16 bits for the all-reduce between processes, halving its bytes: none, "
+                              "fp16 (finer, overflows above 65504) or bf16 (fp32's range); no effect on one process",
+                              choice("none", "fp16", "bf16", lower=True))
     # data
     dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake",
                         choice("cifar10", "folder", "fake"), learned=True)

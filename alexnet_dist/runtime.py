@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import AutocastKwargs, TorchDynamoPlugin, broadcast_object_list, gather_object
+from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs, TorchDynamoPlugin,
+                               broadcast_object_list, gather_object)
 
 from .config import UsageError
 
@@ -59,6 +60,10 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
         # our CUDA graphs already remove launch overhead; inductor's own would nest inside them
         mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs"}[cfg.compile]
         dynamo = TorchDynamoPlugin(backend="inductor", mode=mode)
+    handlers = [AutocastKwargs(cache_enabled=False)]  # casts recorded in CUDA graphs must not be cached
+    if cfg.ddp_comm_hook != "none":
+        # Accelerate registers the hook on the DDP wrapper; one process has no wrapper and nothing to send
+        handlers.append(DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook)))
     return Accelerator(
         cpu=on_cpu,
         mixed_precision=resolve_precision(cfg.mixed_precision, on_cpu),
@@ -67,7 +72,7 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
         log_with=log_with,
         project_dir=project_dir,
         dynamo_plugin=dynamo,
-        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],  # casts recorded in CUDA graphs must not be cached
+        kwargs_handlers=handlers,
     )
 
 
