@@ -213,8 +213,8 @@ class Config:
     # model
     groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network",
                        lambda name, value: int(choice("1", "2")(name, value)), learned=True)
-    compile: str = flag("false", "torch.compile the model: false, true (default mode) or max-autotune",
-                        choice("false", "true", "max-autotune", lower=True))
+    compile: str = flag("false", "torch.compile the model: false, true (default mode), max-autotune, or reduce-overhead "
+                        "(with torch.compile's own CUDA graphs)", choice("false", "true", "max-autotune", "reduce-overhead", lower=True))
     cuda_graphs: str = flag("false", "record each training step as one CUDA graph: false (until measured on a GPU), true, "
                             "or auto (one GPU, no accumulation, not fp16, not streamed)", choice("false", "true", "auto", lower=True))
     init: str = flag("kaiming", "initial weights: kaiming (He et al. 2015), pytorch (PyTorch's default) or paper (N(0, 0.01), some biases 1)",

@@ -108,8 +108,7 @@ class Run:
         self.step_in_epoch += 1
         self.bar.update(1)
         if trainer.global_step % cfg.log_freq == 0:
-            with clock.part("tracking"):
-                self.tracker.log(self._log_point(), step=trainer.global_step)
+            self.log(self._log_point())
         if self.step_in_epoch == trainer.loader.steps_per_epoch:
             return False
         nonfinite_now = (trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite
@@ -142,11 +141,7 @@ class Run:
         values = {"Accuracy/Train": stats["train_accuracy"], "Loss/Epoch": stats["train_loss"],
                   "images_per_second": stats["images_per_second"], "epoch_seconds": stats["epoch_seconds"],
                   "epoch": epoch + 1, "lr": trainer.lr}
-        if self.val_loader is not None:
-            with clock.part("validation"):  # the centre crop: every test-time mode only at the end
-                for (weights, _), confusion in self.evaluator(self.val_loader, ("none",)).items():
-                    values["Accuracy/Validation" + ("_EMA" if weights == "ema" else "")] = accuracy(confusion)
-            check_readable(self.accelerator, self.val_loader)
+        values.update(self.validate())
         val_accuracy = values.get("Accuracy/Validation")
         if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
             self.best = val_accuracy
@@ -167,6 +162,25 @@ class Run:
             if stop and not last:
                 self._stop(path)
         return self.stopped is not None
+
+    def validate(self) -> dict:
+        """Validation accuracy of the weights (and of their average) with the centre crop, every test-time mode
+        being left to the end: {"Accuracy/Validation": ..., "Accuracy/Validation_EMA": ...}; {} without a
+        validation split. Every rank calls it. The loop gets it at each epoch's end; to validate every N steps too,
+        add `if t.global_step % N == 0: run.log(run.validate())` after `run.after_step()` in training.train."""
+        if self.val_loader is None:
+            return {}
+        with clock.part("validation"):
+            values = {"Accuracy/Validation" + ("_EMA" if weights == "ema" else ""): accuracy(confusion)
+                      for (weights, _), confusion in self.evaluator(self.val_loader, ("none",)).items()}
+        check_readable(self.accelerator, self.val_loader)
+        self.trainer.model.train()  # evaluation left it in eval mode, and an epoch may go on
+        return values
+
+    def log(self, values: dict):
+        """Values for the tracker and metrics.jsonl at the current optimizer step (main process)."""
+        with clock.part("tracking"):
+            self.tracker.log(values, step=self.trainer.global_step)
 
     def _print_epoch(self, epoch, stats, values, nonfinite):
         validation = "".join(f", {name.split('/')[1].replace('_', ' ').lower()} accuracy {100 * value:.2f}%"

@@ -57,8 +57,9 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
     dynamo = None
     if cfg.compile != "false":
-        # our CUDA graphs already remove launch overhead; inductor's own would nest inside them
-        mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs"}[cfg.compile]
+        # max-autotune without inductor's CUDA graphs: ours (--cuda_graphs) would nest them; reduce-overhead is
+        # inductor's graphs instead of ours, the benchmark's other arm
+        mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "reduce-overhead"}[cfg.compile]
         dynamo = TorchDynamoPlugin(backend="inductor", mode=mode)
     handlers = [AutocastKwargs(cache_enabled=False)]  # casts recorded in CUDA graphs must not be cached
     if cfg.ddp_comm_hook != "none":
@@ -150,7 +151,7 @@ class RunStopped(Exception):
 
 # Not accelerator.set_trigger()/check_trigger(): that is a 0/1 flag one rank sets and an all-reduce sums. It knows
 # nothing of signals: the handlers, the second Ctrl-C and which signal came (the exit status) would still be ours,
-# and the checkpoint-due flag that rides on our one collective would need another of its own.
+# and the checkpoint-due flag that rides on our one all-reduce would need another of its own.
 class StopSignals:
     """SIGTERM and SIGINT ask the run to stop after the current optimizer step; a second SIGINT stops at once.
 
@@ -186,12 +187,13 @@ class StopSignals:
         """Whether any rank received a signal, and whether any rank's checkpoint is due (a collective)."""
         if self.accelerator.num_processes == 1:
             return self.received is not None, save_due
-        flags = torch.tensor([0.0 if self.received is None else float(self.received), float(save_due)],
-                             device=self.accelerator.device)
-        number, due = self.accelerator.gather(flags[None]).max(dim=0).values.tolist()
-        if number and self.received is None:
-            self.received = int(number)
-        return bool(number), bool(due)
+        # how many ranks received SIGINT, SIGTERM, and have a checkpoint due: one all-reduce of counts
+        counts = torch.tensor([float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM),
+                               float(save_due)], device=self.accelerator.device)
+        interrupted, terminated, due = self.accelerator.reduce(counts, reduction="sum").tolist()
+        if self.received is None and (interrupted or terminated):
+            self.received = signal.SIGINT if interrupted else signal.SIGTERM
+        return bool(interrupted or terminated), bool(due)
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""

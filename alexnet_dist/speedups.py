@@ -106,14 +106,15 @@ class Speedups:
 
 def use_cuda_graphs(cfg, state, precision: str, streaming: bool = False) -> bool:
     """false (the default until a GPU run has measured them: see the README), true, or auto: on one CUDA process
-    without accumulation, fp16's loss scaling or --skip_nonfinite (each adds host synchronisations or Python branches
-    a graph would freeze), and not with the stream loader (its pin-memory thread works on the device while a step
-    would be recorded). `state`: the processes (Accelerate's PartialState or Accelerator)."""
+    without accumulation, fp16's loss scaling or --skip_nonfinite (each adds host synchronisations or Python
+    branches a graph would freeze), nor --compile reduce-overhead (graphs of its own), and not with the stream
+    loader (its pin-memory thread works on the device while a step would be recorded). `state`: the processes
+    (Accelerate's PartialState or Accelerator)."""
     possible = (state.device.type == "cuda" and state.num_processes == 1 and cfg.grad_accum_steps == 1
-                and precision != "fp16" and not cfg.skip_nonfinite)
+                and precision != "fp16" and not cfg.skip_nonfinite and cfg.compile != "reduce-overhead")
     if cfg.cuda_graphs == "auto":
         return possible and not streaming
     if cfg.cuda_graphs == "true" and not possible:
-        raise UsageError("--cuda_graphs true needs one CUDA process, grad_accum_steps 1, no fp16 and no "
-                         "--skip_nonfinite; use auto or false")
+        raise UsageError("--cuda_graphs true needs one CUDA process, grad_accum_steps 1, no fp16, no "
+                         "--skip_nonfinite and no --compile reduce-overhead (its own graphs); use auto or false")
     return cfg.cuda_graphs == "true"

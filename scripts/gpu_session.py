@@ -1,6 +1,6 @@
 """The GPU measurements, as time-boxed commands that always bring their figures back.
 
-    python scripts/gpu_session.py smoke OUT   # graph check, benchmark, the default command as a user runs it
+    python scripts/gpu_session.py smoke OUT   # the default command as a user runs it, graph check, benchmarks
     python scripts/gpu_session.py sweep OUT   # recipe search on the validation split, then 3 seeds of the
                                               # best, the paper's and the seed's recipes
     python scripts/gpu_session.py smoke OUT --rehearse   # the same on the CPU: fake data, tiny runs
@@ -235,22 +235,29 @@ def accelerate_launch() -> list:
 
 
 def smoke(out, rehearse: bool = False, **options):
-    """Graph check, benchmark, then `accelerate launch launch/train.py --num_epochs 25 ...` as the README says."""
+    """`accelerate launch launch/train.py --num_epochs 25 ...` as the README says, then graph check and benchmarks."""
     session = Session(out, rehearse=rehearse, **options)
     with session.guarded():
         smoke_stages(session, rehearse)
 
 
 def smoke_stages(session: Session, rehearse: bool):
-    session.json_stage("graph_check", [sys.executable, "scripts/graph_check.py"], 120, "graph_check.json", skip_codes=(3,))
-    bench = ["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"] if rehearse else []
-    session.json_stage("bench", [sys.executable, "-m", "alexnet_dist.bench", *bench], 90, "bench.json")
+    """The default command first (its time is the figure that matters most), then the graph check and the
+    benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs."""
     logger = "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
     flags = {} if rehearse else {"num_epochs": 25}
     stage = session.train("default_command", flags, launcher=accelerate_launch() + ["launch/train.py"], logger=logger,
-                          timeout=300)
+                          timeout=180)
     stage["logger"] = logger if logger == "wandb" else "tensorboard (wandb does not import here)"
     session.record(stage)
+    session.json_stage("graph_check", [sys.executable, "scripts/graph_check.py"], 60, "graph_check.json", skip_codes=(3,))
+    bench = ["-m", "alexnet_dist.bench", *(["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"]
+                                           if rehearse else [])]
+    session.json_stage("bench", [sys.executable, *bench], 40, "bench.json")
+    if not rehearse:  # the arms that decide --cuda_graphs' default (README, Speed)
+        session.json_stage("bench_graphs", [sys.executable, *bench, "--cuda_graphs", "true"], 40, "bench_graphs.json")
+        session.json_stage("bench_reduce_overhead", [sys.executable, *bench, "--compile", "reduce-overhead"], 60,
+                           "bench_reduce_overhead.json")
 
 
 SEARCH = [  # each wave varies the best flags so far; a change is kept when it validates better

@@ -30,7 +30,7 @@ def rehearse(tmp_path, part, *extra, budget=400):
 def test_smoke_rehearsal_reports_every_stage(tmp_path):
     result, summary, stages = rehearse(tmp_path, "smoke")
     assert result.returncode == 0
-    assert list(stages) == ["graph_check", "bench", "default_command"]
+    assert list(stages) == ["default_command", "graph_check", "bench"]  # the figure that matters most first
     assert stages["graph_check"]["status"] == "skipped"  # no GPU here: the check says so and the rest goes on
     assert stages["bench"]["status"] == "ok" and stages["bench"]["figures"]["default_images_per_s"]["median"] > 0
     command = stages["default_command"]
