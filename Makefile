@@ -1,4 +1,4 @@
-# make train: set up .venv and run the main job; make test: set up .venv and run the tests.
+# make train: set up .venv and run the main job; make test: set up .venv, run the linter and the tests.
 # Extra training flags: make train ARGS="--dataset folder --data_dir data/cifar10-jpeg"
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +19,7 @@ train: setup
 	$(VENV)/bin/accelerate launch launch/train.py --num_epochs 25 $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:

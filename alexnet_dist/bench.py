@@ -13,8 +13,9 @@ After warm-up, the timed windows of `steps` optimizer steps take turns (a, b, c,
 that a machine whose speed drifts slows all three alike. Each figure is the median images/s with
 the min-max over the windows; each ratio is taken window by window (b_i / a_i), with its median
 and min-max, and called inconclusive when that range reaches across 1. The 25-epoch time is
-extrapolated from (b) for CIFAR-10's training split under the flags (45,000 images by default). The time breakdown at the end is the process's
-(training = the (b) and (c) windows and their warm-up; the (a) windows are "other").
+extrapolated from (b) for CIFAR-10's training split under the flags (45,000 images by default). The
+time breakdown at the end is the process's (training = the (b) and (c) windows and their warm-up; the
+(a) windows are "other").
 """
 
 import dataclasses
@@ -82,10 +83,17 @@ def seed_pipeline(device, batch_size: int, steps: int, windows: int, warmup: int
     count = batch_size * (warmup + steps * windows)
     images = generator.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
     labels = generator.integers(0, 10, count)
-    transform = transforms.Compose([transforms.Resize((70, 70)), transforms.RandomCrop((64, 64)), transforms.ToTensor(),
-                                    transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    loader = DataLoader(SeedCifar(images, labels, transform), batch_size=batch_size, shuffle=True,
-                        num_workers=workers, drop_last=True)
+    transform = transforms.Compose(
+        [
+            transforms.Resize((70, 70)),
+            transforms.RandomCrop((64, 64)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    loader = DataLoader(
+        SeedCifar(images, labels, transform), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     model = alexnet().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
@@ -113,8 +121,10 @@ def project_pipeline(cfg: Config, steps: int) -> dict:
     device = accelerator.device
     generator = torch.Generator().manual_seed(0)
     count = steps * cfg.batch_size
-    imageset = ImageSet(torch.randint(10, (count,), generator=generator),
-                        torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator))
+    imageset = ImageSet(
+        torch.randint(10, (count,), generator=generator),
+        torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
+    )
     micro_batch = micro_batch_size(cfg.batch_size, 1, cfg.grad_accum_steps)
     graphs = use_cuda_graphs(cfg, accelerator, accelerator.mixed_precision, streaming=streams(imageset, cfg))
     trainer = build_trainer(cfg, accelerator, imageset, 10, micro_batch, graphs)
@@ -137,8 +147,13 @@ def project_pipeline(cfg: Config, steps: int) -> dict:
 
     default_window()  # warm-up: compilation, graph recording, cuDNN's choice of algorithms
     ceiling_window()
-    return {"default": default_window, "ceiling": ceiling_window, "graphs": graphs,
-            "precision": accelerator.mixed_precision, "device": device}
+    return {
+        "default": default_window,
+        "ceiling": ceiling_window,
+        "graphs": graphs,
+        "precision": accelerator.mixed_precision,
+        "device": device,
+    }
 
 
 def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json_path: str | None = None, **flags):
@@ -168,23 +183,41 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
     for _ in range(windows):
         for name, window in pipelines.items():
             rates[name].append(timed(window, steps * cfg.batch_size, device))
-    ratios = {"default_over_seed": [b / a for a, b in zip(rates["seed"], rates["default"])],
-              "default_over_ceiling": [b / c for b, c in zip(rates["default"], rates["ceiling"])]}
+    ratios = {
+        "default_over_seed": [b / a for a, b in zip(rates["seed"], rates["default"])],
+        "default_over_ceiling": [b / c for b, c in zip(rates["default"], rates["ceiling"])],
+    }
     times, table = clock.report()
     result = {
-        "device": device_name(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
-        "precision": project["precision"], "cuda_graphs": project["graphs"], "compile": cfg.compile,
-        "seed_workers": seed_workers, "steps": steps, "windows": windows, "flags": flags,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "batch_size": cfg.batch_size,
+        "precision": project["precision"],
+        "cuda_graphs": project["graphs"],
+        "compile": cfg.compile,
+        "seed_workers": seed_workers,
+        "steps": steps,
+        "windows": windows,
+        "flags": flags,
         **{f"{name}_images_per_s": spread(values) for name, values in rates.items()},
-        **{name: {**spread(values), "conclusive": min(values) > 1 or max(values) < 1} for name, values in ratios.items()},
+        **{
+            name: {**spread(values), "conclusive": min(values) > 1 or max(values) < 1}
+            for name, values in ratios.items()
+        },
         "cifar10_training_images": train_images,
-        "seconds_25_epochs": 25 * train_images / statistics.median(rates["default"]), "time": times,
+        "seconds_25_epochs": 25 * train_images / statistics.median(rates["default"]),
+        "time": times,
     }
-    print(f"{result['device']}, torch {torch.__version__}, batch {cfg.batch_size}, {project['precision']} precision, "
-          f"CUDA graphs {'on' if project['graphs'] else 'off'}, compile {cfg.compile}; {windows} windows of {steps} "
-          "steps each, taken in turns: median [min-max]")
-    labels = {"seed": f"(a) seed pipeline (PIL, {seed_workers} workers, fp32)", "default": "(b) this project's default training",
-              "ceiling": "(c) ceiling, random batch on the device"}
+    print(
+        f"{result['device']}, torch {torch.__version__}, batch {cfg.batch_size}, {project['precision']} precision, "
+        f"CUDA graphs {'on' if project['graphs'] else 'off'}, compile {cfg.compile}; {windows} windows of {steps} "
+        "steps each, taken in turns: median [min-max]"
+    )
+    labels = {
+        "seed": f"(a) seed pipeline (PIL, {seed_workers} workers, fp32)",
+        "default": "(b) this project's default training",
+        "ceiling": "(c) ceiling, random batch on the device",
+    }
     for name, label in labels.items():
         figure = result[f"{name}_images_per_s"]
         print(f"{label:<42} {figure['median']:10,.0f} images/s  [{figure['min']:,.0f}-{figure['max']:,.0f}]")

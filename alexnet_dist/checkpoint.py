@@ -21,8 +21,19 @@ WEIGHTS_FORMAT = "alexnet-dist weights 1"
 
 def save_weights(path, model, config: dict, classes) -> None:
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    atomic_write(path, lambda temporary: torch.save({"format": WEIGHTS_FORMAT, "state_dict": state_dict, "config": config, "classes": list(classes),
-                 "architecture": architecture(model)}, temporary))
+    atomic_write(
+        path,
+        lambda temporary: torch.save(
+            {
+                "format": WEIGHTS_FORMAT,
+                "state_dict": state_dict,
+                "config": config,
+                "classes": list(classes),
+                "architecture": architecture(model),
+            },
+            temporary,
+        ),
+    )
 
 
 def read_weights(path) -> dict:
@@ -33,7 +44,9 @@ def read_weights(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"--load_model_path {path} is not a weights file ({type(error).__name__}: torch.load failed)") from None
+        raise UsageError(
+            f"--load_model_path {path} is not a weights file ({type(error).__name__}: torch.load failed)"
+        ) from None
     if isinstance(payload, dict) and payload.get("format") == WEIGHTS_FORMAT:
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):

@@ -14,15 +14,16 @@ import torch
 
 from .clock import clock
 from .config import FIELDS, Config, UsageError, help_text, load_recipe
-from .preflight import preflight
 from .predict import predict
-from .runtime import RunStopped, build_accelerator, start_processes
+from .preflight import preflight
 from .run import Run
+from .runtime import RunStopped, build_accelerator, start_processes
 from .training import build_trainer, evaluate_saved, train
 
 
 def parse_flags(argv: list) -> Config:
-    """Flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`, `--noflip`) -> a validated Config."""
+    """Flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`, `--noflip`) -> a validated
+    Config."""
     if "--help" in argv or "-h" in argv:
         print(help_text(), end="")
         sys.exit(0)
@@ -30,7 +31,9 @@ def parse_flags(argv: list) -> Config:
 
     def train(*arguments, **flags):
         if arguments:
-            raise UsageError(f"unexpected argument {arguments[0]} (flags look like --name value; run with --help for the list)")
+            raise UsageError(
+                f"unexpected argument {arguments[0]} (flags look like --name value; run with --help for the list)"
+            )
         given.update(flags)
 
     fire.Fire(train, command=argv, name="train.py")
@@ -55,8 +58,9 @@ def run(cfg: Config):
         return predict(plan, accelerator)
     if not plan.cfg.train:
         return evaluate_saved(plan, accelerator)
-    trainer = build_trainer(plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch,
-                            plan.graphs, plan.weights)
+    trainer = build_trainer(
+        plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch, plan.graphs, plan.weights
+    )
     with Run(plan, accelerator, trainer) as session:
         clock.begin("other")  # the start-up ends here
         train(trainer, session)

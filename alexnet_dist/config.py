@@ -94,14 +94,18 @@ def _pair(name, value):
         raise UsageError(f"--{name} must be one size or two (H,W), e.g. --{name} 64 or --{name} 64,64; got {value!r}")
     pair = tuple(_number(name, item, int, low=1) for item in items)
     if name == "random_crop" and min(pair) < MIN_INPUT:
-        raise UsageError(f"--random_crop must be at least {MIN_INPUT}x{MIN_INPUT}, AlexNet's smallest input; got {_size(pair)}")
+        raise UsageError(
+            f"--random_crop must be at least {MIN_INPUT}x{MIN_INPUT}, AlexNet's smallest input; got {_size(pair)}"
+        )
     return pair
 
 
 def _triple(name, value):
     items = _items(value)
     if len(items) != 3:
-        raise UsageError(f"--{name} must be three numbers, one per RGB channel (e.g. --{name} 0.5,0.5,0.5); got {value!r}")
+        raise UsageError(
+            f"--{name} must be three numbers, one per RGB channel (e.g. --{name} 0.5,0.5,0.5); got {value!r}"
+        )
     low_open = name == "std"
     return tuple(float(_number(name, item, float, low=0.0, low_open=low_open)) for item in items)
 
@@ -140,90 +144,215 @@ def flag(default: Any, help: str, check: Callable, learned: bool = False):
 
 @dataclass(frozen=True)
 class Config:
-    recipe: str | None = flag(None, "YAML file of flag values (configs/recipes/*.yaml); flags given on the command line win", _optional_path)
+    recipe: str | None = flag(
+        None, "YAML file of flag values (configs/recipes/*.yaml); flags given on the command line win", _optional_path
+    )
     # the seed's flags, same names and defaults
     load_model_path: str | None = flag(None, "weights to start from, or to evaluate when train=False", _optional_path)
-    save: str = flag("checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)", _text)
+    save: str = flag(
+        "checkpoints/model_{time}.pth", "where the final weights go ({time}: start time; folders created)", _text
+    )
     train: bool = flag(True, "False: only evaluate the weights of load_model_path on the test split", _bool)
-    resize: tuple = flag((70, 70), "resize images to this H,W before cropping (one number: a square)", _pair, learned=True)
-    random_crop: tuple = flag((64, 64), "crop fed to the network: random in training, centre in evaluation (>= 63)", _pair, learned=True)
-    mean: tuple = flag((0.5, 0.5, 0.5), "per-channel mean subtracted after scaling pixels to [0, 1]", _triple, learned=True)
-    std: tuple = flag((0.5, 0.5, 0.5), "per-channel standard deviation divided by after the mean", _triple, learned=True)
-    batch_size: int = flag(256, "global images per optimizer step, whatever the number of processes", number(int, low=1), learned=True)
-    val_size: float = flag(0.1, "fraction of the training images held out for validation, in [0, 1)",
-                           number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    resize: tuple = flag(
+        (70, 70), "resize images to this H,W before cropping (one number: a square)", _pair, learned=True
+    )
+    random_crop: tuple = flag(
+        (64, 64), "crop fed to the network: random in training, centre in evaluation (>= 63)", _pair, learned=True
+    )
+    mean: tuple = flag(
+        (0.5, 0.5, 0.5), "per-channel mean subtracted after scaling pixels to [0, 1]", _triple, learned=True
+    )
+    std: tuple = flag(
+        (0.5, 0.5, 0.5), "per-channel standard deviation divided by after the mean", _triple, learned=True
+    )
+    batch_size: int = flag(
+        256, "global images per optimizer step, whatever the number of processes", number(int, low=1), learned=True
+    )
+    val_size: float = flag(
+        0.1,
+        "fraction of the training images held out for validation, in [0, 1)",
+        number(float, low=0.0, high=1.0, high_open=True),
+        learned=True,
+    )
     num_epochs: int = flag(25, "passes over the training split", number(int, low=0))
-    device: str = flag("auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda", choice("auto", "cpu", "cuda"))
+    device: str = flag(
+        "auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda", choice("auto", "cpu", "cuda")
+    )
     log_freq: int = flag(50, "optimizer steps between logged training losses", number(int, low=1))
     logger: str = flag("wandb", "tracker: wandb, tensorboard or none", choice("wandb", "tensorboard", "none"))
-    fraction_of_data: float = flag(1.0, "fraction of the training split used, drawn without replacement, in (0, 1]",
-                                   number(float, low=0.0, high=1.0, low_open=True), learned=True)
+    fraction_of_data: float = flag(
+        1.0,
+        "fraction of the training split used, drawn without replacement, in (0, 1]",
+        number(float, low=0.0, high=1.0, low_open=True),
+        learned=True,
+    )
     # optimisation
     lr: float = flag(0.05, "peak learning rate of SGD", number(float, low=0.0, low_open=True), learned=True)
-    momentum: float = flag(0.9, "SGD momentum (the paper's 0.9)", number(float, low=0.0, high=1.0, high_open=True), learned=True)
+    momentum: float = flag(
+        0.9, "SGD momentum (the paper's 0.9)", number(float, low=0.0, high=1.0, high_open=True), learned=True
+    )
     weight_decay: float = flag(5e-4, "L2 weight decay (the paper's 5e-4)", number(float, low=0.0), learned=True)
     nesterov: bool = flag(True, "Nesterov momentum", _bool, learned=True)
-    schedule: str = flag("warmup_linear", "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant",
-                         choice("warmup_linear", "warmup_cosine", "plateau", "constant"), learned=True)
-    warmup_epochs: float = flag(1.0, "epochs of linear warm-up for the warmup_* schedules", number(float, low=0.0), learned=True)
-    plateau_patience: int = flag(2, "plateau: epochs without a better validation accuracy (training accuracy if val_size is 0) before lr /= 10",
-                                 number(int, low=0), learned=True)
-    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy loss, in [0, 1)",
-                                  number(float, low=0.0, high=1.0, high_open=True), learned=True)
-    ema: float = flag(0.0, "decay of an exponential moving average of the weights, evaluated alongside (0: off)",
-                      number(float, low=0.0, high=1.0, high_open=True), learned=True)
-    dropout: float = flag(0.5, "dropout probability before the two hidden linear layers (the paper's 0.5)",
-                          number(float, low=0.0, high=1.0, high_open=True), learned=True)
-    seed: int = flag(0, "seed of the split, the initial weights, the data order and the augmentation",
-                     number(int, low=0, high=2**32 - 1), learned=True)
-    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)", number(int, low=1))
-    mixed_precision: str = flag("auto", "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16",
-                                choice("auto", "no", "fp16", "bf16"))
-    # not "learned": like mixed_precision it only rounds the numbers (here the averaged gradients), so a resume may change it
-    ddp_comm_hook: str = flag("none", "round gradients to 16 bits for the all-reduce between processes, halving its bytes: none, "
-                              "fp16 (finer, overflows above 65504) or bf16 (fp32's range); no effect on one process",
-                              choice("none", "fp16", "bf16", lower=True))
+    schedule: str = flag(
+        "warmup_linear",
+        "learning-rate schedule: warmup_linear, warmup_cosine, plateau or constant",
+        choice("warmup_linear", "warmup_cosine", "plateau", "constant"),
+        learned=True,
+    )
+    warmup_epochs: float = flag(
+        1.0, "epochs of linear warm-up for the warmup_* schedules", number(float, low=0.0), learned=True
+    )
+    plateau_patience: int = flag(
+        2,
+        "plateau: epochs without a better validation accuracy (training accuracy if val_size is 0) before lr /= 10",
+        number(int, low=0),
+        learned=True,
+    )
+    label_smoothing: float = flag(
+        0.1,
+        "label smoothing of the cross-entropy loss, in [0, 1)",
+        number(float, low=0.0, high=1.0, high_open=True),
+        learned=True,
+    )
+    ema: float = flag(
+        0.0,
+        "decay of an exponential moving average of the weights, evaluated alongside (0: off)",
+        number(float, low=0.0, high=1.0, high_open=True),
+        learned=True,
+    )
+    dropout: float = flag(
+        0.5,
+        "dropout probability before the two hidden linear layers (the paper's 0.5)",
+        number(float, low=0.0, high=1.0, high_open=True),
+        learned=True,
+    )
+    seed: int = flag(
+        0,
+        "seed of the split, the initial weights, the data order and the augmentation",
+        number(int, low=0, high=2**32 - 1),
+        learned=True,
+    )
+    grad_accum_steps: int = flag(
+        1, "micro-batches accumulated per optimizer step (the global batch stays batch_size)", number(int, low=1)
+    )
+    mixed_precision: str = flag(
+        "auto",
+        "auto (bf16 on GPUs and CPUs that have it, else fp16 on GPUs, none on CPUs), no, fp16 or bf16",
+        choice("auto", "no", "fp16", "bf16"),
+    )
+    # not "learned": like mixed_precision it only rounds the numbers (here the averaged gradients), so a resume
+    # may change it
+    ddp_comm_hook: str = flag(
+        "none",
+        "round gradients to 16 bits for the all-reduce between processes, halving its bytes: none, "
+        "fp16 (finer, overflows above 65504) or bf16 (fp32's range); no effect on one process",
+        choice("none", "fp16", "bf16", lower=True),
+    )
     # data
-    dataset: str = flag("cifar10", "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake",
-                        choice("cifar10", "folder", "fake"), learned=True)
+    dataset: str = flag(
+        "cifar10",
+        "cifar10 (downloaded into data_dir), folder (data_dir/train/<class>/*) or fake",
+        choice("cifar10", "folder", "fake"),
+        learned=True,
+    )
     data_dir: str = flag("data", "where the data set lives", _text, learned=True)
-    cache_dir: str | None = flag(None, "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)", _optional_path)
+    cache_dir: str | None = flag(
+        None,
+        "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)",
+        _optional_path,
+    )
     flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)", _bool, learned=True)
-    translate: int = flag(8, "extra random shift in pixels beyond the resize-crop margin, borders mirrored", number(int, low=0), learned=True)
-    pca_color: float = flag(0.0, "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)", number(float, low=0.0), learned=True)
-    cutout: int = flag(0, "side of a random square set to the mean colour in each training crop (0: off)", number(int, low=0), learned=True)
-    tta: str = flag("ten", "test-time views of the final evaluation, softmax averaged: none (centre crop), flip (centre + "
-                    "mirror) or ten (the paper's corners and centre, mirrored)", choice("none", "flip", "ten"))
-    loader: str = flag("auto", "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)",
-                       choice("auto", "device", "stream"))
-    num_workers: int | None = flag(None, "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)",
-                                   optional_number(int, low=0))
+    translate: int = flag(
+        8,
+        "extra random shift in pixels beyond the resize-crop margin, borders mirrored",
+        number(int, low=0),
+        learned=True,
+    )
+    pca_color: float = flag(
+        0.0,
+        "std of the paper's PCA colour noise per image (the paper's 0.1; 0: off)",
+        number(float, low=0.0),
+        learned=True,
+    )
+    cutout: int = flag(
+        0,
+        "side of a random square set to the mean colour in each training crop (0: off)",
+        number(int, low=0),
+        learned=True,
+    )
+    tta: str = flag(
+        "ten",
+        "test-time views of the final evaluation, softmax averaged: none (centre crop), flip (centre + "
+        "mirror) or ten (the paper's corners and centre, mirrored)",
+        choice("none", "flip", "ten"),
+    )
+    loader: str = flag(
+        "auto",
+        "auto, device (whole split on the device, augmented there) or stream (DataLoader workers)",
+        choice("auto", "device", "stream"),
+    )
+    num_workers: int | None = flag(
+        None,
+        "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)",
+        optional_number(int, low=0),
+    )
     # checkpoints
-    resume: str | None = flag(None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path", _optional_path)
-    checkpoint_minutes: float = flag(10.0, "save the full training state when this many minutes passed since the last save "
-                                     "(also at the end and on a stop signal; 0: at every epoch end)", number(float, low=0.0))
-    checkpoint_steps: int = flag(0, "also save a checkpoint every this many optimizer steps (0: off)", number(int, low=0))
-    keep_checkpoints: int = flag(1, "newest checkpoints kept, besides the best one by validation accuracy", number(int, low=1))
-    allow_config_change: bool = flag(False, "resume even when the flags change what is learned (data, batch, recipe)", _bool)
-    skip_nonfinite: bool = flag(False, "skip optimizer steps whose loss is not finite instead of stopping the run", _bool)
+    resume: str | None = flag(
+        None, "continue a run: latest (newest checkpoint of run_dir, else of the newest run) or a path", _optional_path
+    )
+    checkpoint_minutes: float = flag(
+        10.0,
+        "save the full training state when this many minutes passed since the last save "
+        "(also at the end and on a stop signal; 0: at every epoch end)",
+        number(float, low=0.0),
+    )
+    checkpoint_steps: int = flag(
+        0, "also save a checkpoint every this many optimizer steps (0: off)", number(int, low=0)
+    )
+    keep_checkpoints: int = flag(
+        1, "newest checkpoints kept, besides the best one by validation accuracy", number(int, low=1)
+    )
+    allow_config_change: bool = flag(
+        False, "resume even when the flags change what is learned (data, batch, recipe)", _bool
+    )
+    skip_nonfinite: bool = flag(
+        False, "skip optimizer steps whose loss is not finite instead of stopping the run", _bool
+    )
     # predictions
     predict: tuple = flag((), "image files or folders to classify with load_model_path (instead of training)", _paths)
     top_k: int = flag(3, "predict: how many classes to list per image", number(int, low=1))
     predict_json: str | None = flag(None, "predict: also write the predictions to this JSON file", _optional_path)
     # model
-    groups: int = flag(1, "1: one column (the seed's widths); 2: the paper's two-column network",
-                       lambda name, value: int(choice("1", "2")(name, value)), learned=True)
-    compile: str = flag("false", "torch.compile the model: false, true (default mode), max-autotune, or reduce-overhead "
-                        "(with torch.compile's own CUDA graphs)", choice("false", "true", "max-autotune", "reduce-overhead", lower=True))
-    cuda_graphs: str = flag("false", "record each training step as one CUDA graph: false (until measured on a GPU), true, "
-                            "or auto (one GPU, no accumulation, not fp16, not streamed)", choice("false", "true", "auto", lower=True))
-    init: str = flag("kaiming", "initial weights: kaiming (He et al. 2015), pytorch (PyTorch's default) or paper (N(0, 0.01), some biases 1)",
-                     choice("kaiming", "pytorch", "paper"))
+    groups: int = flag(
+        1,
+        "1: one column (the seed's widths); 2: the paper's two-column network",
+        lambda name, value: int(choice("1", "2")(name, value)),
+        learned=True,
+    )
+    compile: str = flag(
+        "false",
+        "torch.compile the model: false, true (default mode), max-autotune, or reduce-overhead "
+        "(with torch.compile's own CUDA graphs)",
+        choice("false", "true", "max-autotune", "reduce-overhead", lower=True),
+    )
+    cuda_graphs: str = flag(
+        "false",
+        "record each training step as one CUDA graph: false (until measured on a GPU), true, "
+        "or auto (one GPU, no accumulation, not fp16, not streamed)",
+        choice("false", "true", "auto", lower=True),
+    )
+    init: str = flag(
+        "kaiming",
+        "initial weights: kaiming (He et al. 2015), pytorch (PyTorch's default) or paper (N(0, 0.01), some biases 1)",
+        choice("kaiming", "pytorch", "paper"),
+    )
     # tracking and outputs
     project: str = flag("alexnet-cifar10", "tracker project (W&B project, TensorBoard folder)", _text)
     run_name: str | None = flag(None, "name of the run (default: the run directory's name)", _optional_path)
     tags: tuple = flag((), "W&B tags, e.g. --tags baseline,bf16", _texts)
-    run_dir: str | None = flag(None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist", _optional_path)
+    run_dir: str | None = flag(
+        None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist", _optional_path
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,7 +380,9 @@ class Config:
         if self.train and self.num_epochs < 1:
             raise UsageError(f"--num_epochs must be at least 1 when training, got {self.num_epochs}")
         if self.translate >= min(self.resize):
-            raise UsageError(f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}")
+            raise UsageError(
+                f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}"
+            )
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:
@@ -274,16 +405,28 @@ WHAT_IS_LEARNED = tuple(name for name, f in FIELDS.items() if f.metadata["learne
 
 def help_text() -> str:
     """--help: every flag with its default and meaning, what is learned first."""
+
     def line(name):
         default = DEFAULTS[name]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) and default else default
         return f"  --{name} (default {shown}): {FIELDS[name].metadata['help']}"
 
     how = [name for name in FIELDS if name not in WHAT_IS_LEARNED]
-    return "\n".join(["Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.",
-                      "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)", "",
-                      "What is learned (a resumed run keeps these):", *map(line, WHAT_IS_LEARNED), "",
-                      "How the run executes, evaluates and reports:", *map(line, how)]) + "\n"
+    return (
+        "\n".join(
+            [
+                "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.",
+                "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)",
+                "",
+                "What is learned (a resumed run keeps these):",
+                *map(line, WHAT_IS_LEARNED),
+                "",
+                "How the run executes, evaluates and reports:",
+                *map(line, how),
+            ]
+        )
+        + "\n"
+    )
 
 
 def load_recipe(path) -> dict:
@@ -306,9 +449,14 @@ def load_recipe(path) -> dict:
 
 def learning_changes(saved: dict, cfg: Config) -> list:
     """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration."""
-    plain = lambda value: list(value) if isinstance(value, (list, tuple)) else value
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
     names = list(WHAT_IS_LEARNED)
     if cfg.schedule.startswith("warmup"):
         names.append("num_epochs")  # these schedules decay towards the last epoch
-    return [f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
-            for name in names if name in saved and plain(saved[name]) != plain(getattr(cfg, name))]
+    return [
+        f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
+        for name in names
+        if name in saved and plain(saved[name]) != plain(getattr(cfg, name))
+    ]

@@ -32,7 +32,9 @@ def gallery(model, loader, accelerator, classes, tta: str, confusion, out_dir: P
     probabilities = []
     with accelerator.autocast():
         for chunk in images.split(128):
-            probabilities.append(view_probabilities(model, loader.augmentation, chunk.to(accelerator.device), tta).cpu())
+            probabilities.append(
+                view_probabilities(model, loader.augmentation, chunk.to(accelerator.device), tta).cpu()
+            )
     probabilities = torch.cat(probabilities)
     confidence, predicted = probabilities.max(dim=1)
     wrong = (predicted != labels).nonzero().flatten()
@@ -40,9 +42,16 @@ def gallery(model, loader, accelerator, classes, tta: str, confusion, out_dir: P
     sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:SAMPLE]
     chosen = torch.cat([sample, confident_mistakes[~torch.isin(confident_mistakes, sample)]])
     top = probabilities.topk(min(3, len(classes)), dim=1)
-    rows = [[images[i].permute(1, 2, 0).numpy(), classes[labels[i]], classes[predicted[i]], round(float(confidence[i]), 4),
-             ", ".join(f"{classes[c]} {100 * p:.0f}%" for p, c in zip(top.values[i].tolist(), top.indices[i].tolist()))]
-            for i in chosen.tolist()]
+    rows = [
+        [
+            images[i].permute(1, 2, 0).numpy(),
+            classes[labels[i]],
+            classes[predicted[i]],
+            round(float(confidence[i]), 4),
+            ", ".join(f"{classes[c]} {100 * p:.0f}%" for p, c in zip(top.values[i].tolist(), top.indices[i].tolist())),
+        ]
+        for i in chosen.tolist()
+    ]
     pairs = most_confused(confusion, PAIRS)
     pairs_png = draw_pairs(pairs, images, labels, predicted, classes, out_dir / "ConfusedPairs.png") if pairs else None
     return Gallery(["image", "true", "predicted", "probability", "top-3"], rows, pairs_png)

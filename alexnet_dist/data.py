@@ -276,7 +276,8 @@ def check_split(count: int, cfg):
     num_train = round(cfg.fraction_of_data * (count - num_val))
     if num_train < cfg.batch_size:
         raise UsageError(f"{num_train} training images (of {count}, after --val_size {cfg.val_size} and "
-                         f"--fraction_of_data {cfg.fraction_of_data}) are fewer than one batch of --batch_size {cfg.batch_size}")
+                         f"--fraction_of_data {cfg.fraction_of_data}) are fewer than one batch of --batch_size "
+                         f"{cfg.batch_size}")
 
 
 def split(full: ImageSet, val_size: float, fraction: float, seed: int) -> tuple:

@@ -37,7 +37,9 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int):
     """plateau: the paper's "divide by 10 when validation accuracy stops improving", once per epoch;
     the others: a LambdaLR stepped once per optimizer step."""
     if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=cfg.plateau_patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=cfg.plateau_patience
+        )
     warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.schedule.startswith("warmup") else 0
     total = cfg.num_epochs * steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, warmup, total))
@@ -80,7 +82,9 @@ def evaluate(model, loader, accelerator, num_classes: int, batch_size: int, mode
                 for index, mode in enumerate(modes):
                     if TTA_VIEWS[mode] == count:
                         predictions = probabilities[:valid].argmax(dim=1)
-                        confusions[index] += torch.bincount(labels[:valid] * num_classes + predictions, minlength=cells)
+                        confusions[index] += torch.bincount(
+                            labels[:valid] * num_classes + predictions, minlength=cells
+                        )
     confusions = accelerator.reduce(confusions, reduction="sum").view(len(modes), num_classes, num_classes).cpu()
     return dict(zip(modes, confusions))
 
@@ -99,9 +103,13 @@ class Evaluator:
 
     def __call__(self, loader, modes) -> dict:
         """{(weights, mode): confusion}, weights being "model" and, with an average, "ema"."""
-        return {(name, mode): confusion for name, model in self.models.items()
-                for mode, confusion in evaluate(model, loader, self.accelerator, self.num_classes, self.batch_size,
-                                                modes).items()}
+        return {
+            (name, mode): confusion
+            for name, model in self.models.items()
+            for mode, confusion in evaluate(
+                model, loader, self.accelerator, self.num_classes, self.batch_size, modes
+            ).items()
+        }
 
 
 class Meter:
@@ -113,7 +121,7 @@ class Meter:
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
         self.window = torch.zeros(2, device=device)  # loss sum, correct predictions since the last log point
-        self.epoch = torch.zeros(2, device=device)   # the same, over the epoch
+        self.epoch = torch.zeros(2, device=device)  # the same, over the epoch
         self.window_micro = self.window_images = self.epoch_micro = self.epoch_images = 0
         self.epoch_started = time.perf_counter()
 
@@ -148,9 +156,12 @@ class Meter:
     def epoch_stats(self) -> dict:
         loss_sum, correct_sum = self.accelerator.reduce(self.epoch, reduction="sum").tolist()
         seconds, ranks = time.perf_counter() - self.epoch_started, self.accelerator.num_processes
-        return {"train_loss": loss_sum / max(1, self.epoch_micro * ranks),
-                "train_accuracy": correct_sum / max(1, self.epoch_images * ranks),
-                "images_per_second": self.epoch_images * ranks / seconds, "epoch_seconds": seconds}
+        return {
+            "train_loss": loss_sum / max(1, self.epoch_micro * ranks),
+            "train_accuracy": correct_sum / max(1, self.epoch_images * ranks),
+            "images_per_second": self.epoch_images * ranks / seconds,
+            "epoch_seconds": seconds,
+        }
 
     def nonfinite(self) -> tuple:
         """(first optimizer step with a non-finite loss on any rank, or None; how many micro-batches had one).

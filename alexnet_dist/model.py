@@ -90,7 +90,9 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < MIN_INPUT or x.shape[-2] < MIN_INPUT:
-            raise ValueError(f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(
+                f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}"
+            )
         x = self.features(x)
         if x.shape[-2:] == (1, 1) and (not self.training or self.classifier[0].p == 0):
             return self._classify_single_position(torch.flatten(x, 1))

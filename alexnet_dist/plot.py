@@ -40,7 +40,9 @@ def draw_curves(run_dirs, out_dir, labels=None) -> list:
     """One PNG per curve in `out_dir`, each run a line; returns (file written, runs drawn in it) pairs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [(label, read_metrics(run_dir)) for label, run_dir in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
+    runs = [
+        (label, read_metrics(run_dir)) for label, run_dir in zip(labels or [Path(d).name for d in run_dirs], run_dirs)
+    ]
     written = []
     for metric, label, name in CURVES:
         figure = new_figure(figsize=(6, 4), dpi=100)
@@ -76,8 +78,15 @@ def draw_confusion(confusion, classes, path) -> Path:
         for row in range(len(classes)):
             for col in range(len(classes)):
                 value = rates[row, col].item()
-                axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
-                          color="white" if value > 0.5 else "black")
+                axes.text(
+                    col,
+                    row,
+                    f"{100 * value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.5 else "black",
+                )
     figure.tight_layout()
     atomic_write(path, figure.savefig)
     return Path(path)

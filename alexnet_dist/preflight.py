@@ -91,7 +91,9 @@ def decide(cfg: Config, state, precision: str) -> tuple:
     stream = streams(data.train, decided)  # --loader stream streams images in memory too
     use_cuda_graphs(decided, state, precision, streaming=stream)
     if weights is not None:
-        check_architecture(weights, {"groups": decided.groups, "num_classes": len(data.classes)}, decided.load_model_path)
+        check_architecture(
+            weights, {"groups": decided.groups, "num_classes": len(data.classes)}, decided.load_model_path
+        )
     if not decided.train:
         if data.test is None and data.val is None:
             raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
@@ -101,11 +103,16 @@ def decide(cfg: Config, state, precision: str) -> tuple:
 
 def check_same_flags(mine: Config, main: Config, rank: int):
     """Every process must be launched with the same flags (on every node): a mismatch stops them all."""
-    differences = [f"--{name} {value!r} here, {getattr(main, name)!r} on the main process"
-                   for name, value in mine.to_dict().items() if value != getattr(main, name)]
+    differences = [
+        f"--{name} {value!r} here, {getattr(main, name)!r} on the main process"
+        for name, value in mine.to_dict().items()
+        if value != getattr(main, name)
+    ]
     if differences:
-        raise UsageError(f"process {rank} was launched with other flags than the main process ({'; '.join(differences)}): "
-                         "give every node the same command")
+        raise UsageError(
+            f"process {rank} was launched with other flags than the main process ({'; '.join(differences)}): "
+            "give every node the same command"
+        )
 
 
 def training_paths(cfg: Config, data: Data) -> dict:
@@ -121,7 +128,9 @@ def training_paths(cfg: Config, data: Data) -> dict:
 def new_run_dir(cfg: Config, stamp: str) -> Path:
     if cfg.run_dir is not None:
         if Path(cfg.run_dir).exists():
-            raise UsageError(f"--run_dir {cfg.run_dir} already exists: pick a new folder, or continue it with --resume latest")
+            raise UsageError(
+                f"--run_dir {cfg.run_dir} already exists: pick a new folder, or continue it with --resume latest"
+            )
         return Path(cfg.run_dir)
     base = Path("runs") / f"{stamp}_{cfg.run_name or 'alexnet'}"
     candidate, number = base, 1

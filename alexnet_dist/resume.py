@@ -31,7 +31,11 @@ def find_checkpoint(resume: str, run_dir: str | None) -> Path:
         if run_dir is not None:
             base = Path(run_dir)
         else:
-            runs = [p for p in Path("runs").glob("*") if complete_checkpoints(p / "checkpoints")] if Path("runs").is_dir() else []
+            runs = (
+                [p for p in Path("runs").glob("*") if complete_checkpoints(p / "checkpoints")]
+                if Path("runs").is_dir()
+                else []
+            )
             if not runs:
                 raise UsageError("--resume latest: no run under runs/ has a checkpoint (give --run_dir or a path)")
             base = max(runs, key=lambda p: complete_checkpoints(p / "checkpoints")[-1].stat().st_mtime)
@@ -54,21 +58,31 @@ def check_resumable(state: dict, cfg, data, path: Path):
     """Refuse a checkpoint of another network, class list or data, or flags that change what is learned."""
     saved = state["config"]
     if saved.get("groups") != cfg.groups or state.get("classes") != data.classes:
-        raise UsageError(f"--resume {path} was trained with groups={saved.get('groups')} on {len(state.get('classes') or [])} "
-                         f"classes, this run builds groups={cfg.groups} for {len(data.classes)} classes")
+        raise UsageError(
+            f"--resume {path} was trained with groups={saved.get('groups')} on {len(state.get('classes') or [])} "
+            f"classes, this run builds groups={cfg.groups} for {len(data.classes)} classes"
+        )
     if state.get("num_train") != len(data.train):
-        raise UsageError(f"--resume {path} was trained on {state.get('num_train')} training images, this run has "
-                         f"{len(data.train)}: not the same data")
+        raise UsageError(
+            f"--resume {path} was trained on {state.get('num_train')} training images, this run has "
+            f"{len(data.train)}: not the same data"
+        )
     if saved.get("schedule") != cfg.schedule:
-        raise UsageError(f"--resume {path} was trained with --schedule {saved.get('schedule')}: the schedule cannot "
-                         f"change within a run (this run asks for {cfg.schedule})")
+        raise UsageError(
+            f"--resume {path} was trained with --schedule {saved.get('schedule')}: the schedule cannot "
+            f"change within a run (this run asks for {cfg.schedule})"
+        )
     if (saved.get("ema", 0) > 0) != (cfg.ema > 0):
-        raise UsageError(f"--resume {path} was trained {'with' if saved.get('ema', 0) > 0 else 'without'} --ema: "
-                         "the weight average cannot be switched on or off within a run")
+        raise UsageError(
+            f"--resume {path} was trained {'with' if saved.get('ema', 0) > 0 else 'without'} --ema: "
+            "the weight average cannot be switched on or off within a run"
+        )
     changes = learning_changes(saved, cfg)
     if changes and not cfg.allow_config_change:
-        raise UsageError(f"--resume {path}: these flags change what is learned ({'; '.join(changes)}); "
-                         "pass the run's own flags, or --allow_config_change")
+        raise UsageError(
+            f"--resume {path}: these flags change what is learned ({'; '.join(changes)}); "
+            "pass the run's own flags, or --allow_config_change"
+        )
 
 
 def restore(accelerator, trainer, path: Path, state: dict, cfg):
@@ -76,8 +90,10 @@ def restore(accelerator, trainer, path: Path, state: dict, cfg):
     try:
         accelerator.load_state(str(path))
     except Exception as error:
-        raise UsageError(f"--resume {path} cannot be loaded ({type(error).__name__}): it is damaged; "
-                         f"resume from an older checkpoint in {path.parent}") from None
+        raise UsageError(
+            f"--resume {path} cannot be loaded ({type(error).__name__}): it is damaged; "
+            f"resume from an older checkpoint in {path.parent}"
+        ) from None
     accelerator.step = 0  # checkpoints fall between optimizer steps, whatever the accumulation was then
     apply_optimizer_flags(trainer.optimizer, trainer.scheduler, cfg, state["config"])
     trainer.global_step = state["global_step"]

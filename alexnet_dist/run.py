@@ -79,14 +79,18 @@ class Run:
     def _print_start(self):
         cfg, accelerator, data = self.cfg, self.accelerator, self.data
         self.print("configuration: " + " ".join(f"{name}={value}" for name, value in self.config.items()))
-        self.print(f"{breakdown(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)}; "
-                   f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
-                   f"{', CUDA graphs' if self.trainer.graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
-                   f"{len(data.train)} training / {len(data.val) if data.val else 0} validation images, "
-                   f"{self.trainer.loader.steps_per_epoch} steps per epoch; run directory {self.run_dir}")
+        self.print(
+            f"{breakdown(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)}; "
+            f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
+            f"{', CUDA graphs' if self.trainer.graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
+            f"{len(data.train)} training / {len(data.val) if data.val else 0} validation images, "
+            f"{self.trainer.loader.steps_per_epoch} steps per epoch; run directory {self.run_dir}"
+        )
         if self.plan.state:
-            self.print(f"resumed from {self.plan.resume_from}: epoch {self.start_epoch + 1}, step {self.start_step} "
-                       f"of it, optimizer step {self.trainer.global_step}")
+            self.print(
+                f"resumed from {self.plan.resume_from}: epoch {self.start_epoch + 1}, step {self.start_step} "
+                f"of it, optimizer step {self.trainer.global_step}"
+            )
 
     def epochs(self) -> range:
         return range(self.start_epoch, self.cfg.num_epochs)
@@ -95,9 +99,13 @@ class Run:
         """The optimizer step of `epoch` to start from: 0, or where the resumed run left off."""
         self.epoch = epoch
         self.step_in_epoch = self.start_step if epoch == self.start_epoch else 0
-        self.bar = tqdm(total=self.trainer.loader.steps_per_epoch - self.step_in_epoch, leave=False, dynamic_ncols=True,
-                        desc=f"epoch {epoch + 1}/{self.cfg.num_epochs}",
-                        disable=not (self.accelerator.is_main_process and sys.stderr.isatty()))
+        self.bar = tqdm(
+            total=self.trainer.loader.steps_per_epoch - self.step_in_epoch,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"epoch {epoch + 1}/{self.cfg.num_epochs}",
+            disable=not (self.accelerator.is_main_process and sys.stderr.isatty()),
+        )
         return self.step_in_epoch
 
     # ------------------------------------------------------------ during an epoch
@@ -111,8 +119,11 @@ class Run:
             self.log(self._log_point())
         if self.step_in_epoch == trainer.loader.steps_per_epoch:
             return False
-        nonfinite_now = (trainer.global_step % cfg.log_freq == 0 and not cfg.skip_nonfinite
-                         and trainer.meter.nonfinite()[0] is not None)
+        nonfinite_now = (
+            trainer.global_step % cfg.log_freq == 0
+            and not cfg.skip_nonfinite
+            and trainer.meter.nonfinite()[0] is not None
+        )
         stop, due = self.stop.poll(trainer.global_step, self._checkpoint_due())
         if nonfinite_now or stop:
             self._stop(self.save(self.epoch, self.step_in_epoch))  # save() names a non-finite step and stops first
@@ -126,7 +137,9 @@ class Run:
         rate, lr = self.trainer.meter.images_per_second(), self.trainer.lr
         self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:,.0f}", acc=f"{accuracy_:.3f}")
         if self.accelerator.is_main_process:
-            self.bar.write(f"step {self.trainer.global_step}: training loss {loss:.4f}, lr {lr:.4g}, {rate:,.0f} images/s")
+            self.bar.write(
+                f"step {self.trainer.global_step}: training loss {loss:.4f}, lr {lr:.4g}, {rate:,.0f} images/s"
+            )
         return {"Loss/Train": loss, "lr": lr}
 
     def end_epoch(self, epoch: int) -> bool:
@@ -138,9 +151,14 @@ class Run:
         if self._nonfinite_stop():
             return True
         stats = trainer.meter.epoch_stats()
-        values = {"Accuracy/Train": stats["train_accuracy"], "Loss/Epoch": stats["train_loss"],
-                  "images_per_second": stats["images_per_second"], "epoch_seconds": stats["epoch_seconds"],
-                  "epoch": epoch + 1, "lr": trainer.lr}
+        values = {
+            "Accuracy/Train": stats["train_accuracy"],
+            "Loss/Epoch": stats["train_loss"],
+            "images_per_second": stats["images_per_second"],
+            "epoch_seconds": stats["epoch_seconds"],
+            "epoch": epoch + 1,
+            "lr": trainer.lr,
+        }
         values.update(self.validate())
         val_accuracy = values.get("Accuracy/Validation")
         if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
@@ -171,8 +189,10 @@ class Run:
         if self.val_loader is None:
             return {}
         with clock.part("validation"):
-            values = {"Accuracy/Validation" + ("_EMA" if weights == "ema" else ""): accuracy(confusion)
-                      for (weights, _), confusion in self.evaluator(self.val_loader, ("none",)).items()}
+            values = {
+                "Accuracy/Validation" + ("_EMA" if weights == "ema" else ""): accuracy(confusion)
+                for (weights, _), confusion in self.evaluator(self.val_loader, ("none",)).items()
+            }
         check_readable(self.accelerator, self.val_loader)
         self.trainer.model.train()  # evaluation left it in eval mode, and an epoch may go on
         return values
@@ -183,12 +203,17 @@ class Run:
             self.tracker.log(values, step=self.trainer.global_step)
 
     def _print_epoch(self, epoch, stats, values, nonfinite):
-        validation = "".join(f", {name.split('/')[1].replace('_', ' ').lower()} accuracy {100 * value:.2f}%"
-                             for name, value in values.items() if name.startswith("Accuracy/Validation"))
+        validation = "".join(
+            f", {name.split('/')[1].replace('_', ' ').lower()} accuracy {100 * value:.2f}%"
+            for name, value in values.items()
+            if name.startswith("Accuracy/Validation")
+        )
         skipped = f", {nonfinite} non-finite losses skipped so far" if nonfinite and self.cfg.skip_nonfinite else ""
-        self.print(f"epoch {epoch + 1}/{self.cfg.num_epochs}: loss {stats['train_loss']:.4f}, train accuracy "
-                   f"{100 * stats['train_accuracy']:.2f}%{validation}, {stats['images_per_second']:,.0f} images/s, "
-                   f"{stats['epoch_seconds']:.1f} s{skipped}")
+        self.print(
+            f"epoch {epoch + 1}/{self.cfg.num_epochs}: loss {stats['train_loss']:.4f}, train accuracy "
+            f"{100 * stats['train_accuracy']:.2f}%{validation}, {stats['images_per_second']:,.0f} images/s, "
+            f"{stats['epoch_seconds']:.1f} s{skipped}"
+        )
 
     # ------------------------------------------------------------ checkpoints and stops
 
@@ -201,7 +226,9 @@ class Run:
             self.stopped = RunStopped(
                 f"the loss became non-finite at optimizer step {first_bad} (epoch {epoch}); stopped without saving; "
                 f"the last good checkpoint is {saved[-1] if saved else 'none (no checkpoint yet)'} "
-                "(--skip_nonfinite skips such steps instead)", 1)
+                "(--skip_nonfinite skips such steps instead)",
+                1,
+            )
         return self.stopped is not None
 
     def _checkpoint_due(self) -> bool:
@@ -213,10 +240,19 @@ class Run:
         if self._nonfinite_stop():
             return None
         with clock.part("checkpoints"):
-            path = self.checkpoints.save({
-                "global_step": self.trainer.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "val_accuracy": val_accuracy, "best_val_accuracy": self.best, "config": self.config,
-                "classes": self.data.classes, "num_train": len(self.data.train), "stamp": self.plan.stamp})
+            path = self.checkpoints.save(
+                {
+                    "global_step": self.trainer.global_step,
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "val_accuracy": val_accuracy,
+                    "best_val_accuracy": self.best,
+                    "config": self.config,
+                    "classes": self.data.classes,
+                    "num_train": len(self.data.train),
+                    "stamp": self.plan.stamp,
+                }
+            )
         self.saved_at = time.perf_counter()
         return path
 
@@ -224,7 +260,9 @@ class Run:
         if self.stopped is None:  # a non-finite loss found while saving keeps its own message
             self.stopped = RunStopped(
                 f"stopped by {self.stop.name()} after optimizer step {self.trainer.global_step}; checkpoint {path}; "
-                f"continue with the same launcher and: {resume_command(sys.argv, path)}", 128 + int(self.stop.received))
+                f"continue with the same launcher and: {resume_command(sys.argv, path)}",
+                128 + int(self.stop.received),
+            )
 
     # ------------------------------------------------------------ the end
 
@@ -245,20 +283,35 @@ class Run:
             for (weights, mode), confusion in final.items():
                 name = f"Accuracy/Validation_final{'_EMA' if weights == 'ema' else ''}/tta_{mode}"
                 summary[name] = accuracy(confusion)
-                self.print(f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
-                           f"tta {mode}: {100 * summary[name]:.2f}%")
+                self.print(
+                    f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
+                    f"tta {mode}: {100 * summary[name]:.2f}%"
+                )
             test_loader, test_confusion = self._test(summary)
-            split, loader, confusion = (("test", test_loader, test_confusion) if test_confusion is not None else
-                                        ("validation", self.val_loader, final.get(("model", self.cfg.tta))))
+            split, loader, confusion = (
+                ("test", test_loader, test_confusion)
+                if test_confusion is not None
+                else ("validation", self.val_loader, final.get(("model", self.cfg.tta)))
+            )
             gallery = None
             if self.accelerator.is_main_process and self.cfg.logger != "none" and confusion is not None:
-                gallery = dashboard.gallery(unwrapped, loader, self.accelerator, self.data.classes, self.cfg.tta,
-                                            confusion, self.run_dir, self.cfg.seed)
+                gallery = dashboard.gallery(
+                    unwrapped,
+                    loader,
+                    self.accelerator,
+                    self.data.classes,
+                    self.cfg.tta,
+                    confusion,
+                    self.run_dir,
+                    self.cfg.seed,
+                )
         with clock.part("tracking"):
             times, table = clock.report()
             self.print(table)
             self.tracker.log({**summary, **times}, step=self.trainer.global_step)
-            self.tracker.finish(confusion, self.data.classes, self.plan.save_path, self.trainer.global_step, gallery, split)
+            self.tracker.finish(
+                confusion, self.data.classes, self.plan.save_path, self.trainer.global_step, gallery, split
+            )
         return unwrapped
 
     def _save_weights(self, unwrapped):

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs, TorchDynamoPlugin,
-                               broadcast_object_list, gather_object)
+from accelerate.utils import (
+    AutocastKwargs,
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    gather_object,
+)
 
 from .config import UsageError
 
@@ -59,7 +65,9 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
     if cfg.compile != "false":
         # max-autotune without inductor's CUDA graphs: ours (--cuda_graphs) would nest them; reduce-overhead is
         # inductor's graphs instead of ours, the benchmark's other arm
-        mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "reduce-overhead"}[cfg.compile]
+        mode = {"true": "default", "max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "reduce-overhead"}[
+            cfg.compile
+        ]
         dynamo = TorchDynamoPlugin(backend="inductor", mode=mode)
     handlers = [AutocastKwargs(cache_enabled=False)]  # casts recorded in CUDA graphs must not be cached
     if cfg.ddp_comm_hook != "none":
@@ -89,8 +97,10 @@ def micro_batch_size(batch_size: int, num_processes: int, grad_accum_steps: int)
 
 def breakdown(batch_size: int, num_processes: int, grad_accum_steps: int) -> str:
     micro = batch_size // (num_processes * grad_accum_steps)
-    return (f"global batch {batch_size} = {num_processes} process(es) x {grad_accum_steps} accumulation step(s) "
-            f"x {micro} images per micro-batch")
+    return (
+        f"global batch {batch_size} = {num_processes} process(es) x {grad_accum_steps} accumulation step(s) "
+        f"x {micro} images per micro-batch"
+    )
 
 
 def device_name(device) -> str:
@@ -188,8 +198,10 @@ class StopSignals:
         if self.accelerator.num_processes == 1:
             return self.received is not None, save_due
         # how many ranks received SIGINT, SIGTERM, and have a checkpoint due: one all-reduce of counts
-        counts = torch.tensor([float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM),
-                               float(save_due)], device=self.accelerator.device)
+        counts = torch.tensor(
+            [float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM), float(save_due)],
+            device=self.accelerator.device,
+        )
         interrupted, terminated, due = self.accelerator.reduce(counts, reduction="sum").tolist()
         if self.received is None and (interrupted or terminated):
             self.received = signal.SIGINT if interrupted else signal.SIGTERM

@@ -27,7 +27,10 @@ def wandb_credentials() -> bool:
 
 def check_logger(logger: str):
     """Fail before anything is written when the chosen tracker's package is missing."""
-    packages = {"wandb": ("wandb", "pip install wandb"), "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard")}
+    packages = {
+        "wandb": ("wandb", "pip install wandb"),
+        "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),
+    }
     if logger not in packages:
         return
     module, fix = packages[logger]
@@ -58,7 +61,10 @@ class Tracker:
                 init_kwargs["wandb"]["dir"] = str(self.run_dir)
         if cfg.logger != "none":
             # TensorBoard's hyper-parameters take numbers, text and booleans only: lists and None become text
-            plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in config.items()}
+            plain = {
+                key: value if isinstance(value, (bool, int, float, str)) else str(value)
+                for key, value in config.items()
+            }
             accelerator.init_trackers(cfg.project, config=plain, init_kwargs=init_kwargs)
         wandb_run = self._wandb_run()
         if wandb_run is not None:
@@ -70,7 +76,9 @@ class Tracker:
                 wandb_run.define_metric(name, step_metric="optimizer_step", summary="max")
         if wandb_run is not None and os.environ["WANDB_MODE"] == "offline":
             where = Path(wandb_run.dir).parent
-            self.offline_note = f"W&B ran offline (no credentials found, or WANDB_MODE=offline): upload with  wandb sync {where}"
+            self.offline_note = (
+                f"W&B ran offline (no credentials found, or WANDB_MODE=offline): upload with  wandb sync {where}"
+            )
 
     def log(self, values: dict, step: int):
         self.accelerator.log({**values, "optimizer_step": step} if self._wandb_run() else values, step=step)
@@ -79,7 +87,7 @@ class Tracker:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
 
     def epoch_done(self, last: bool = False):
-        """Redraw the PNG curves: after the last epoch, and after others when 30 s have passed (a draw costs ~0.3 s)."""
+        """Redraw the PNG curves: after the last epoch, and after others when 30 s have passed (a draw: ~0.3 s)."""
         if self.main and (last or time.perf_counter() - self.drawn_at > 30):
             draw_curves([self.run_dir], self.run_dir)
             self.drawn_at = time.perf_counter()
@@ -93,11 +101,20 @@ class Tracker:
         """Confusion matrix and confused pairs (PNGs, W&B and TensorBoard images), the predictions table and the
         tables of the confusion, weights as a W&B artifact when online; then end the tracker."""
         if self.main and confusion is not None:
-            pictures = {f"{split}/confusion_matrix_image": draw_confusion(confusion, classes, self.run_dir / "ConfusionMatrix.png")}
+            pictures = {
+                f"{split}/confusion_matrix_image": draw_confusion(
+                    confusion, classes, self.run_dir / "ConfusionMatrix.png"
+                )
+            }
             if gallery is not None and gallery.pairs_png is not None:
                 pictures[f"{split}/most_confused_pairs"] = gallery.pairs_png
             self._log_pictures(pictures, confusion, classes, step, gallery, split)
-        if self.main and weights_path is not None and self._wandb_run() is not None and os.environ.get("WANDB_MODE") == "online":
+        if (
+            self.main
+            and weights_path is not None
+            and self._wandb_run() is not None
+            and os.environ.get("WANDB_MODE") == "online"
+        ):
             import wandb
 
             artifact = wandb.Artifact(f"alexnet-{self.run_dir.name}", type="model")
@@ -114,19 +131,32 @@ class Tracker:
             from PIL import Image
 
             board = self.accelerator.get_tracker("tensorboard")
-            board.log_images({name: np.asarray(Image.open(path).convert("RGB"))[None].transpose(0, 3, 1, 2)
-                              for name, path in pictures.items()}, step=step)
+            board.log_images(
+                {
+                    name: np.asarray(Image.open(path).convert("RGB"))[None].transpose(0, 3, 1, 2)
+                    for name, path in pictures.items()
+                },
+                step=step,
+            )
         wandb_run = self._wandb_run()
         if wandb_run is None:
             return
         import wandb
 
-        rows = [[true, predicted, int(confusion[i, j])] for i, true in enumerate(classes) for j, predicted in enumerate(classes)]
-        values = {f"{split}/confusion_matrix": wandb.Table(columns=["true", "predicted", "count"], data=rows),
-                  f"{split}/per_class_accuracy": wandb.Table(columns=["class", "accuracy"],
-                                                         data=[list(r) for r in zip(classes, per_class_accuracy(confusion))]),
-                  **{name: wandb.Image(str(path)) for name, path in pictures.items()}}
+        rows = [
+            [true, predicted, int(confusion[i, j])]
+            for i, true in enumerate(classes)
+            for j, predicted in enumerate(classes)
+        ]
+        values = {
+            f"{split}/confusion_matrix": wandb.Table(columns=["true", "predicted", "count"], data=rows),
+            f"{split}/per_class_accuracy": wandb.Table(
+                columns=["class", "accuracy"], data=[list(r) for r in zip(classes, per_class_accuracy(confusion))]
+            ),
+            **{name: wandb.Image(str(path)) for name, path in pictures.items()},
+        }
         if gallery is not None:
-            values[f"{split}/predictions"] = wandb.Table(columns=gallery.columns,
-                                                     data=[[wandb.Image(row[0]), *row[1:]] for row in gallery.rows])
+            values[f"{split}/predictions"] = wandb.Table(
+                columns=gallery.columns, data=[[wandb.Image(row[0]), *row[1:]] for row in gallery.rows]
+            )
         wandb_run.log({**values, "optimizer_step": step}, step=step)

@@ -55,9 +55,15 @@ def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None)
     model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init)
     if weights is not None:
         load_weights(model, cfg.load_model_path, weights)
-        accelerator.print(f"loaded weights from {cfg.load_model_path}"
-                          + ("" if cfg.train else f" (groups {cfg.groups}, resize {cfg.resize}, crop {cfg.random_crop}, "
-                                                  f"mean {cfg.mean}, std {cfg.std}, as trained)"))
+        accelerator.print(
+            f"loaded weights from {cfg.load_model_path}"
+            + (
+                ""
+                if cfg.train
+                else f" (groups {cfg.groups}, resize {cfg.resize}, crop {cfg.random_crop}, "
+                f"mean {cfg.mean}, std {cfg.std}, as trained)"
+            )
+        )
     torch.manual_seed(cfg.seed * 65_536 + accelerator.process_index + 1)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -68,14 +74,23 @@ def loader_factory(cfg, accelerator, micro_batch: int, train_set=None):
     """imageset -> this rank's loader, all with the same preprocessing (PCA colour basis from `train_set`)."""
     basis = colour_pca(pixel_sample(train_set, cfg.resize)) if cfg.pca_color and train_set is not None else None
     on_gpu = accelerator.device.type == "cuda"
-    augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, accelerator.device, basis, cfg.cutout,
-                                channels_last=on_gpu)
-    return lambda imageset: make_loader(imageset, augmentation, accelerator.device, cfg, micro_batch,
-                                        accelerator.process_index, accelerator.num_processes)
+    augmentation = Augmentation(
+        cfg.random_crop, cfg.mean, cfg.std, accelerator.device, basis, cfg.cutout, channels_last=on_gpu
+    )
+    return lambda imageset: make_loader(
+        imageset,
+        augmentation,
+        accelerator.device,
+        cfg,
+        micro_batch,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
 
 
-def build_trainer(cfg, accelerator, train_set, num_classes: int, micro_batch: int, graphs: bool = False,
-                  weights: dict | None = None) -> Trainer:
+def build_trainer(
+    cfg, accelerator, train_set, num_classes: int, micro_batch: int, graphs: bool = False, weights: dict | None = None
+) -> Trainer:
     """Model, loader, optimizer, schedule, loss, average and speed-ups, prepared: what `train` runs."""
     with clock.part("data"):
         make = loader_factory(cfg, accelerator, micro_batch, train_set)
@@ -85,11 +100,19 @@ def build_trainer(cfg, accelerator, train_set, num_classes: int, micro_batch: in
     scheduler = build_scheduler(optimizer, cfg, loader.steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: stepped once per optimizer step
     return Trainer(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), loader=loader, make_loader=make,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        loader=loader,
+        make_loader=make,
         average=build_average(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema),
-        meter=Meter(accelerator), guard=NonfiniteGuard(accelerator, cfg.skip_nonfinite),
-        speedups=Speedups(accelerator, optimizer, graphs, compiled=cfg.compile != "false"), graphs=graphs)
+        meter=Meter(accelerator),
+        guard=NonfiniteGuard(accelerator, cfg.skip_nonfinite),
+        speedups=Speedups(accelerator, optimizer, graphs, compiled=cfg.compile != "false"),
+        graphs=graphs,
+    )
 
 
 def train(t: Trainer, run) -> None:

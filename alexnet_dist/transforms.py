@@ -100,9 +100,14 @@ class Augmentation:
         offsets = [(top, left, mirrored) for top, left in corners for mirrored in (False, True)][:count]
         for top, left, mirrored in offsets:
             size = len(images)
-            yield self.normalise(self.crop_flip(
-                images, torch.full((size,), top, device=images.device), torch.full((size,), left, device=images.device),
-                torch.full((size,), mirrored, device=images.device)))
+            yield self.normalise(
+                self.crop_flip(
+                    images,
+                    torch.full((size,), top, device=images.device),
+                    torch.full((size,), left, device=images.device),
+                    torch.full((size,), mirrored, device=images.device),
+                )
+            )
 
 
 def _reflect(index, size: int):

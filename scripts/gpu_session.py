@@ -114,8 +114,16 @@ class Session:
         run_dir = self.work / "runs" / name
         argv = (launcher or [sys.executable, str(ROOT / "launch" / "train.py")]) + self.common
         argv += [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-        argv += ["--logger", logger, "--run_dir", str(run_dir), "--save", str(self.work / "weights" / name / "model.pth"),
-                 "--keep_checkpoints", "1"]
+        argv += [
+            "--logger",
+            logger,
+            "--run_dir",
+            str(run_dir),
+            "--save",
+            str(self.work / "weights" / name / "model.pth"),
+            "--keep_checkpoints",
+            "1",
+        ]
         wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(self.work / "wandb"), "WANDB_SILENT": "true"}
         stage = self.command(name, argv, timeout or self.run_timeout, env=wandb_env)
         stage["flags"] = flags
@@ -180,8 +188,11 @@ def environment() -> dict:
     try:
         import torch
 
-        info.update(torch=torch.__version__, cuda=torch.cuda.is_available(),
-                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+        info.update(
+            torch=torch.__version__,
+            cuda=torch.cuda.is_available(),
+            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        )
     except Exception as error:
         info["torch"] = f"not importable: {error}"
     for module in ("accelerate", "fire", "wandb"):
@@ -198,7 +209,12 @@ def run_figures(run_dir: Path, log_path: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [row for row in map(_json_or_none, metrics.read_text().splitlines()) if row is not None]
-        final = {k: v for row in rows for k, v in row.items() if k.startswith(("Accuracy/Validation_final", "Accuracy/Test"))}
+        final = {
+            k: v
+            for row in rows
+            for k, v in row.items()
+            if k.startswith(("Accuracy/Validation_final", "Accuracy/Test"))
+        }
         figures["final"] = final
         figures["time_breakdown"] = {k: v for row in rows for k, v in row.items() if k.startswith("time/")}
         validation = {k: v for k, v in final.items() if k.startswith("Accuracy/Validation_final")}
@@ -244,31 +260,59 @@ def smoke(out, rehearse: bool = False, **options):
 def smoke_stages(session: Session, rehearse: bool):
     """The default command first (its time is the figure that matters most), then the graph check and the
     benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs."""
-    logger = "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
+    logger = (
+        "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
+    )
     flags = {} if rehearse else {"num_epochs": 25}
-    stage = session.train("default_command", flags, launcher=accelerate_launch() + ["launch/train.py"], logger=logger,
-                          timeout=180)
+    stage = session.train(
+        "default_command", flags, launcher=accelerate_launch() + ["launch/train.py"], logger=logger, timeout=180
+    )
     stage["logger"] = logger if logger == "wandb" else "tensorboard (wandb does not import here)"
     session.record(stage)
-    session.json_stage("graph_check", [sys.executable, "scripts/graph_check.py"], 60, "graph_check.json", skip_codes=(3,))
-    bench = ["-m", "alexnet_dist.bench", *(["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"]
-                                           if rehearse else [])]
+    session.json_stage(
+        "graph_check", [sys.executable, "scripts/graph_check.py"], 60, "graph_check.json", skip_codes=(3,)
+    )
+    bench = [
+        "-m",
+        "alexnet_dist.bench",
+        *(["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"] if rehearse else []),
+    ]
     session.json_stage("bench", [sys.executable, *bench], 40, "bench.json")
     if not rehearse:  # the arms that decide --cuda_graphs' default (README, Speed)
         session.json_stage("bench_graphs", [sys.executable, *bench, "--cuda_graphs", "true"], 40, "bench_graphs.json")
-        session.json_stage("bench_reduce_overhead", [sys.executable, *bench, "--compile", "reduce-overhead"], 60,
-                           "bench_reduce_overhead.json")
+        session.json_stage(
+            "bench_reduce_overhead",
+            [sys.executable, *bench, "--compile", "reduce-overhead"],
+            60,
+            "bench_reduce_overhead.json",
+        )
 
 
 SEARCH = [  # each wave varies the best flags so far; a change is kept when it validates better
-    lambda best: [("base", {}), ("pytorch_init", {"init": "pytorch"}), ("t4", {"translate": 4}), ("t12", {"translate": 12})],
-    lambda best: [("cutout16", {**best, "cutout": 16}), ("pca", {**best, "pca_color": 0.1}),
-                  ("lr_up", {**best, "lr": 0.1}), ("lr_down", {**best, "lr": 0.025})],
-    lambda best: [("dropout_less", {**best, "dropout": 0.25}), ("smooth_off", {**best, "label_smoothing": 0.0}),
-                  ("wd_up", {**best, "weight_decay": 1e-3}), ("cosine", {**best, "schedule": "warmup_cosine"})],
-    lambda best: [("more_translate", {**best, "translate": best.get("translate", 8) + 4}),
-                  ("ema_slow", {**best, "ema": 0.9995}), ("warmup2", {**best, "warmup_epochs": 2}),
-                  ("no_ema", {**best, "ema": 0.0})],
+    lambda best: [
+        ("base", {}),
+        ("pytorch_init", {"init": "pytorch"}),
+        ("t4", {"translate": 4}),
+        ("t12", {"translate": 12}),
+    ],
+    lambda best: [
+        ("cutout16", {**best, "cutout": 16}),
+        ("pca", {**best, "pca_color": 0.1}),
+        ("lr_up", {**best, "lr": 0.1}),
+        ("lr_down", {**best, "lr": 0.025}),
+    ],
+    lambda best: [
+        ("dropout_less", {**best, "dropout": 0.25}),
+        ("smooth_off", {**best, "label_smoothing": 0.0}),
+        ("wd_up", {**best, "weight_decay": 1e-3}),
+        ("cosine", {**best, "schedule": "warmup_cosine"}),
+    ],
+    lambda best: [
+        ("more_translate", {**best, "translate": best.get("translate", 8) + 4}),
+        ("ema_slow", {**best, "ema": 0.9995}),
+        ("warmup2", {**best, "warmup_epochs": 2}),
+        ("no_ema", {**best, "ema": 0.0}),
+    ],
 ]
 REHEARSAL_SEARCH = [lambda best: [("base", {}), ("pytorch_init", {"init": "pytorch"})]]
 
@@ -311,7 +355,10 @@ def search(session: Session, rehearse: bool, inject: set, sweep_until: float):
     finals = [(f"best_seed{seed}", {**best, "seed": seed}) for seed in seeds]
     if not rehearse:
         for recipe in ("paper", "seed"):
-            finals += [(f"{recipe}_seed{seed}", {"recipe": f"configs/recipes/{recipe}.yaml", "seed": seed}) for seed in range(3)]
+            finals += [
+                (f"{recipe}_seed{seed}", {"recipe": f"configs/recipes/{recipe}.yaml", "seed": seed})
+                for seed in range(3)
+            ]
     if session.remaining() > session.run_timeout / 2:
         session.parallel = 2 if rehearse else 5
         session.wave(finals)

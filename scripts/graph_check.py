@@ -3,8 +3,9 @@
     python scripts/graph_check.py [--steps 12] [--json_path OUT.json]
 
 Each check trains the same initial AlexNet on the same random batches through the training loop
-(alexnet_dist.training.train), eagerly and with CUDA graphs (alexnet_dist.speedups), and compares against a stated tolerance. Exit status 0 when every check passes,
-1 when one fails, 3 when there is no GPU (nothing to check). The checks:
+(alexnet_dist.training.train), eagerly and with CUDA graphs (alexnet_dist.speedups), and compares
+against a stated tolerance. Exit status 0 when every check passes, 1 when one fails, 3 when there is
+no GPU (nothing to check). The checks:
   exact        dropout 0 (the folded classifier), a changing lr: losses and final weights agree
   dropout      dropout 0.5 at lr 0: two replays of one batch give different losses (and, as the
                control, equal losses at dropout 0), so the masks are redrawn on every replay
@@ -29,8 +30,8 @@ from alexnet_dist.training import GivenBatches, Steps, build_trainer, train
 
 BATCH = 128
 # bf16 autocast: the same kernels run in both paths, but cuDNN may pick other algorithms per run
-LOSS_TOLERANCE = 0.02       # relative, per step
-WEIGHT_TOLERANCE = 0.05     # largest weight difference / largest weight change in training
+LOSS_TOLERANCE = 0.02  # relative, per step
+WEIGHT_TOLERANCE = 0.05  # largest weight difference / largest weight change in training
 MEAN_LOSS_TOLERANCE = 0.05  # relative, mean loss over the steps with dropout
 PLATEAU_RATIO = (5.0, 20.0)  # update size before / after lr /= 10
 
@@ -46,11 +47,17 @@ class Setup:
         base = {"logger": "none", "batch_size": BATCH, "warmup_epochs": 0.5, "num_epochs": 1, "init": "kaiming"}
         self.cfg = Config.from_flags({**base, **flags})
         images = torch.zeros(12 * BATCH, 3, 32, 32, dtype=torch.uint8)  # only sets the schedule's epoch length
-        trainer = build_trainer(self.cfg, accelerator, ImageSet(torch.zeros(12 * BATCH, dtype=torch.int64), images),
-                                10, BATCH, graphs)
+        trainer = build_trainer(
+            self.cfg, accelerator, ImageSet(torch.zeros(12 * BATCH, dtype=torch.int64), images), 10, BATCH, graphs
+        )
         if compile:  # what Accelerate's dynamo plugin does in prepare()
             trainer = dataclasses.replace(trainer, model=torch.compile(trainer.model))
-        self.trainer, self.model, self.optimizer, self.scheduler = trainer, trainer.model, trainer.optimizer, trainer.scheduler
+        self.trainer, self.model, self.optimizer, self.scheduler = (
+            trainer,
+            trainer.model,
+            trainer.optimizer,
+            trainer.scheduler,
+        )
         self.initial = weights(self.model)  # the same names as the trained weights, compiled or not
 
     def train(self, batches) -> list:
@@ -79,10 +86,16 @@ def check_exact(accelerator, batches, compile=False) -> dict:
     change = max((final_eager[k] - eager.initial[k]).abs().max().item() for k in final_eager)
     difference = max((final_eager[k] - final_graph[k]).abs().max().item() for k in final_eager)
     loss_difference = max(relative(g, e) for g, e in zip(graph_losses, eager_losses))
-    return {"passed": loss_difference <= LOSS_TOLERANCE and difference <= WEIGHT_TOLERANCE * change,
-            "max_relative_loss_difference": loss_difference, "loss_tolerance": LOSS_TOLERANCE,
-            "max_weight_difference": difference, "max_weight_change_in_training": change,
-            "weight_tolerance": f"{WEIGHT_TOLERANCE} x change", "eager_losses": eager_losses, "graph_losses": graph_losses}
+    return {
+        "passed": loss_difference <= LOSS_TOLERANCE and difference <= WEIGHT_TOLERANCE * change,
+        "max_relative_loss_difference": loss_difference,
+        "loss_tolerance": LOSS_TOLERANCE,
+        "max_weight_difference": difference,
+        "max_weight_change_in_training": change,
+        "weight_tolerance": f"{WEIGHT_TOLERANCE} x change",
+        "eager_losses": eager_losses,
+        "graph_losses": graph_losses,
+    }
 
 
 def replays_of_one_batch(accelerator, batches, dropout: float) -> list:
@@ -94,22 +107,45 @@ def replays_of_one_batch(accelerator, batches, dropout: float) -> list:
 
 
 def check_dropout(accelerator, batches) -> dict:
-    with_dropout, control = replays_of_one_batch(accelerator, batches, 0.5), replays_of_one_batch(accelerator, batches, 0.0)
-    return {"passed": with_dropout[0] != with_dropout[1] and relative(control[0], control[1]) <= 1e-6,
-            "dropout_0.5_replay_losses": with_dropout, "dropout_0_replay_losses": control}
+    with_dropout, control = (
+        replays_of_one_batch(accelerator, batches, 0.5),
+        replays_of_one_batch(accelerator, batches, 0.0),
+    )
+    return {
+        "passed": with_dropout[0] != with_dropout[1] and relative(control[0], control[1]) <= 1e-6,
+        "dropout_0.5_replay_losses": with_dropout,
+        "dropout_0_replay_losses": control,
+    }
 
 
 def check_dropout_mean(accelerator, batches) -> dict:
-    eager, graphed = Setup(accelerator, False, dropout=0.5).train(batches), Setup(accelerator, True, dropout=0.5).train(batches)
+    eager, graphed = (
+        Setup(accelerator, False, dropout=0.5).train(batches),
+        Setup(accelerator, True, dropout=0.5).train(batches),
+    )
     mean_eager, mean_graph = sum(eager) / len(eager), sum(graphed) / len(graphed)
     difference = relative(mean_graph, mean_eager)
-    return {"passed": difference <= MEAN_LOSS_TOLERANCE, "eager_mean_loss": mean_eager, "graph_mean_loss": mean_graph,
-            "relative_difference": difference, "tolerance": MEAN_LOSS_TOLERANCE}
+    return {
+        "passed": difference <= MEAN_LOSS_TOLERANCE,
+        "eager_mean_loss": mean_eager,
+        "graph_mean_loss": mean_graph,
+        "relative_difference": difference,
+        "tolerance": MEAN_LOSS_TOLERANCE,
+    }
 
 
 def check_plateau(accelerator, batches) -> dict:
-    setup = Setup(accelerator, True, dropout=0.0, schedule="plateau", plateau_patience=0, momentum=0.0, nesterov=False,
-                  weight_decay=0.0, lr=0.01)
+    setup = Setup(
+        accelerator,
+        True,
+        dropout=0.0,
+        schedule="plateau",
+        plateau_patience=0,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        lr=0.01,
+    )
     setup.train(batches[: Speedups.warmup + 1])
 
     def update_size():
@@ -126,9 +162,15 @@ def check_plateau(accelerator, batches) -> dict:
     ratio = size_before / max(size_after, 1e-30)
     low, high = PLATEAU_RATIO
     recorded = setup.trainer.speedups.recorded_lr[0] is setup.optimizer.param_groups[0]["lr"]
-    return {"passed": low <= ratio <= high and recorded and abs(lr_after - 0.001) < 1e-9,
-            "lr_after_plateau": lr_after, "update_before": size_before, "update_after": size_after,
-            "ratio": ratio, "allowed_ratio": PLATEAU_RATIO, "recorded_lr_tensor_in_place": recorded}
+    return {
+        "passed": low <= ratio <= high and recorded and abs(lr_after - 0.001) < 1e-9,
+        "lr_after_plateau": lr_after,
+        "update_before": size_before,
+        "update_after": size_after,
+        "ratio": ratio,
+        "allowed_ratio": PLATEAU_RATIO,
+        "recorded_lr_tensor_in_place": recorded,
+    }
 
 
 def check_ema(accelerator, batches) -> dict:
@@ -138,8 +180,12 @@ def check_ema(accelerator, batches) -> dict:
     eager_average, graph_average = (list(setup.trainer.average.module.parameters()) for setup in (eager, graphed))
     moved = max((a - b.float()).abs().max().item() for a, b in zip(eager_average, eager.initial.values()))
     difference = max((a - b).abs().max().item() for a, b in zip(eager_average, graph_average))
-    return {"passed": moved > 0 and difference <= WEIGHT_TOLERANCE * moved, "max_average_difference": difference,
-            "max_average_change": moved, "tolerance": f"{WEIGHT_TOLERANCE} x change"}
+    return {
+        "passed": moved > 0 and difference <= WEIGHT_TOLERANCE * moved,
+        "max_average_difference": difference,
+        "max_average_change": moved,
+        "tolerance": f"{WEIGHT_TOLERANCE} x change",
+    }
 
 
 def main(steps: int = 12, json_path: str | None = None):
@@ -148,13 +194,23 @@ def main(steps: int = 12, json_path: str | None = None):
         sys.exit(3)
     accelerator = build_accelerator(Config.from_flags({"logger": "none"}))
     generator = torch.Generator(device=accelerator.device).manual_seed(0)
-    batches = [(torch.randn(BATCH, 3, 64, 64, device=accelerator.device, generator=generator).contiguous(
-        memory_format=torch.channels_last), torch.randint(10, (BATCH,), device=accelerator.device, generator=generator))
-        for _ in range(steps)]
-    checks = {"exact": lambda: check_exact(accelerator, batches), "dropout": lambda: check_dropout(accelerator, batches),
-              "dropout_mean": lambda: check_dropout_mean(accelerator, batches),
-              "plateau": lambda: check_plateau(accelerator, batches), "ema": lambda: check_ema(accelerator, batches),
-              "compile": lambda: check_exact(accelerator, batches, compile=True)}
+    batches = [
+        (
+            torch.randn(BATCH, 3, 64, 64, device=accelerator.device, generator=generator).contiguous(
+                memory_format=torch.channels_last
+            ),
+            torch.randint(10, (BATCH,), device=accelerator.device, generator=generator),
+        )
+        for _ in range(steps)
+    ]
+    checks = {
+        "exact": lambda: check_exact(accelerator, batches),
+        "dropout": lambda: check_dropout(accelerator, batches),
+        "dropout_mean": lambda: check_dropout_mean(accelerator, batches),
+        "plateau": lambda: check_plateau(accelerator, batches),
+        "ema": lambda: check_ema(accelerator, batches),
+        "compile": lambda: check_exact(accelerator, batches, compile=True),
+    }
     results = {"device": torch.cuda.get_device_name(), "precision": accelerator.mixed_precision, "steps": steps}
     for name, check in checks.items():
         try:
@@ -168,7 +224,10 @@ def main(steps: int = 12, json_path: str | None = None):
     if json_path:
         with open(json_path, "w") as handle:
             json.dump(results, handle, indent=2)
-    print(f"graph check: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"graph check: {len(checks) - len(failed)}/{len(checks)} passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     sys.exit(1 if failed else 0)
 
 

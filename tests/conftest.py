@@ -11,8 +11,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 # a fake-data run of a few optimizer steps: 180 training images, batch 32, the centre crop at test time
-QUICK = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--batch_size", "32", "--fraction_of_data", "0.2",
-         "--tta", "none"]
+QUICK = [
+    "--dataset",
+    "fake",
+    "--logger",
+    "none",
+    "--num_epochs",
+    "1",
+    "--batch_size",
+    "32",
+    "--fraction_of_data",
+    "0.2",
+    "--tta",
+    "none",
+]
 
 
 def cli_env(**extra) -> dict:
@@ -27,12 +39,21 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subp
     if processes == 1:
         command = [sys.executable, str(script), *map(str, args)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   str(script), *map(str, args)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            str(script),
+            *map(str, args),
+        ]
     try:
         return subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:  # a loaded machine: say what the run had done by then
-        text = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+        def text(out):
+            return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
         output = text(error.stdout)[-3000:] + text(error.stderr)[-3000:]
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
 

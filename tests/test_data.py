@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fake_cifar10 import CIFAR_CLASSES, cifar_members, md5_lists
 from torchvision.io import write_jpeg, write_png
 
 from alexnet_dist import data as data_module
@@ -11,7 +12,6 @@ from alexnet_dist.config import Config, UsageError
 from alexnet_dist.data import ImageSet, fake, load_data, split_indices
 from alexnet_dist.loaders import make_loader
 from alexnet_dist.transforms import Augmentation, colour_pca, draw_plan
-from fake_cifar10 import CIFAR_CLASSES, cifar_members, md5_lists
 
 CPU = torch.device("cpu")
 
@@ -190,7 +190,8 @@ def test_cifar10_batches_on_disk_are_read_and_checked(tmp_path, monkeypatch):
         (folder / name).write_bytes(data)
     for name, value in md5_lists(members).items():  # torchvision checks every file against the real data set's md5s
         monkeypatch.setattr(CIFAR10, name, value)
-    data = load_data(Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4}), CPU, writer=True)
+    cfg = Config.from_flags({"data_dir": str(tmp_path), "val_size": 0.25, "batch_size": 4})
+    data = load_data(cfg, CPU, writer=True)
     assert len(data.train) == 15 and len(data.val) == 5 and data.classes == CIFAR_CLASSES
     # the format: a row of 3072 bytes is the red, green and blue 32 x 32 planes; the test split keeps the file's order
     test_batch = pickle.loads(members["test_batch"], encoding="latin1")
@@ -199,7 +200,9 @@ def test_cifar10_batches_on_disk_are_read_and_checked(tmp_path, monkeypatch):
     (folder / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(UsageError) as error:
         load_data(Config.from_flags({"data_dir": str(tmp_path), "batch_size": 4}), CPU, writer=True)
-    assert str(error.value).startswith(f"{folder} is incomplete or corrupt") and f"delete {folder} " in str(error.value)
+    assert str(error.value).startswith(f"{folder} is incomplete or corrupt") and f"delete {folder} " in str(
+        error.value
+    )
 
 
 def test_translation_mirrors_the_borders():
@@ -210,7 +213,7 @@ def test_translation_mirrors_the_borders():
     out = augmentation.crop_flip(images, top, left, torch.zeros(6, dtype=torch.bool))
     padded = torch.nn.functional.pad(images.float(), (3, 3, 3, 3), mode="reflect").to(torch.uint8)
     for i in range(6):
-        assert torch.equal(out[i], padded[i, :, top[i] + 3:top[i] + 11, left[i] + 3:left[i] + 11])
+        assert torch.equal(out[i], padded[i, :, top[i] + 3 : top[i] + 11, left[i] + 3 : left[i] + 11])
     plan = draw_plan(2000, (70, 70), (64, 64), True, 0, 0, translate=5)
     assert plan.top.min() == -5 and plan.top.max() == 11
 

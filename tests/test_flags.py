@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, run_cli
 
 from alexnet_dist.checkpoint import save_weights
 from alexnet_dist.cli import main, parse_flags
 from alexnet_dist.config import DEFAULTS
 from alexnet_dist.model import alexnet
-from conftest import QUICK, run_cli
 
 
 @pytest.mark.parametrize("argv", [["--resize=[70,70]"], ["--resize", "70,70"], ["--resize", "70"], ["--resize=70x70"]])

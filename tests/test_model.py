@@ -22,8 +22,12 @@ def test_one_column_matches_torchvision_parameter_count():
 
 
 def test_two_columns_have_the_papers_sixty_million_parameters():
-    conv = lambda c_in, c_out, k, groups=1: c_in // groups * c_out * k * k + c_out
-    linear = lambda n_in, n_out: n_in * n_out + n_out
+    def conv(c_in, c_out, k, groups=1):
+        return c_in // groups * c_out * k * k + c_out
+
+    def linear(n_in, n_out):
+        return n_in * n_out + n_out
+
     expected = (conv(3, 96, 11) + conv(96, 256, 5, 2) + conv(256, 384, 3) + conv(384, 384, 3, 2)
                 + conv(384, 256, 3, 2) + linear(256 * 36, 4096) + linear(4096, 4096) + linear(4096, 1000))
     assert count(alexnet(num_classes=1000, groups=2)) == expected == 60_965_224

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, ROOT, TRAIN, cli_env
 
 from alexnet_dist.checkpoint import read_weights
-from conftest import QUICK, ROOT, TRAIN, cli_env
 
 HELPER = ROOT / "tests" / "rank_weights.py"
 # dropout and random augmentation off: every launch takes the same 5 optimizer steps (fp32)
@@ -67,7 +67,8 @@ def start(command, cwd: Path, log: Path, env=None) -> tuple:
 
 
 def finish(launched: list, timeout: float = LIMIT) -> list:
-    """(exit status, output) of each launch once all have ended; past `timeout`, kill all and fail with their output."""
+    """(exit status, output) of each launch once all have ended; past `timeout`, kill all and fail with their
+    output."""
     deadline = time.monotonic() + timeout
     for process, _ in launched:
         try:
@@ -75,7 +76,9 @@ def finish(launched: list, timeout: float = LIMIT) -> list:
         except subprocess.TimeoutExpired:
             for other, _ in launched:
                 kill(other)
-            pytest.fail(f"still running after {timeout} s, killed:\n" + "\n".join(log.read_text() for _, log in launched))
+            pytest.fail(
+                f"still running after {timeout} s, killed:\n" + "\n".join(log.read_text() for _, log in launched)
+            )
     return [(process.returncode, log.read_text()) for process, log in launched]
 
 
@@ -119,7 +122,8 @@ def one_process(tmp_path_factory) -> dict:
 
 
 def test_two_nodes_learn_what_one_process_and_two_processes_learn(tmp_path, one_process):
-    """Node 0 and node 1 in one folder (as on a shared file system): the same weights as 1 x 32 and 2 x 16 on one node."""
+    """Node 0 and node 1 in one folder (as on a shared file system): the same weights as 1 x 32 and 2 x 16 on
+    one node."""
     standalone = tmp_path / "standalone"
     standalone.mkdir()
     command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", HELPER, standalone, *SAME_STEPS]
@@ -127,8 +131,12 @@ def test_two_nodes_learn_what_one_process_and_two_processes_learn(tmp_path, one_
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     port = free_port()
-    results = finish([start(node(port, number == 0, HELPER, [nodes, *SAME_STEPS]), nodes, tmp_path / f"node{number}.log")
-                      for number in (0, 1)])
+    results = finish(
+        [
+            start(node(port, number == 0, HELPER, [nodes, *SAME_STEPS]), nodes, tmp_path / f"node{number}.log")
+            for number in (0, 1)
+        ]
+    )
     check_succeeded(results)
     assert "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in results[0][1]
     rank0, rank1 = (torch.load(nodes / f"rank{rank}.pt") for rank in (0, 1))
@@ -145,8 +153,15 @@ def slurm_env(bin_folder: Path, port: int) -> dict:
         (bin_folder / name).write_text(text)
         (bin_folder / name).chmod(0o755)
     path = os.pathsep.join([str(bin_folder), str(Path(sys.executable).parent), os.environ["PATH"]])
-    env = cli_env(PATH=path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2",
-                  SLURM_NODEID="0", SLURM_PROCID="0", MASTER_PORT=str(port))
+    env = cli_env(
+        PATH=path,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[0-1]",
+        SLURM_NNODES="2",
+        SLURM_NODEID="0",
+        SLURM_PROCID="0",
+        MASTER_PORT=str(port),
+    )
     env.pop("SLURM_GPUS_ON_NODE", None)  # CPU-only "nodes": one process each
     return env
 
@@ -162,8 +177,9 @@ def submit_folder(tmp_path: Path) -> Path:
 def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
     folder, port = submit_folder(tmp_path), free_port()
     env = slurm_env(tmp_path / "bin", port)
-    [(status, output)] = finish([start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS], folder,
-                                       tmp_path / "slurm.log", env)])
+    [(status, output)] = finish(
+        [start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS], folder, tmp_path / "slurm.log", env)]
+    )
     assert status == 0, output
     breakdown = "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch"
     assert output.count(breakdown) == 2  # the first process of each node prints the progress
@@ -173,8 +189,9 @@ def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
 
 def test_a_node_that_never_comes_stops_the_one_waiting_after_the_join_timeout(tmp_path):
     began = time.monotonic()
-    [(status, output)] = finish([start(node(free_port(), True, TRAIN, QUICK, join_timeout=15), tmp_path,
-                                       tmp_path / "node0.log")], timeout=120)
+    [(status, output)] = finish(
+        [start(node(free_port(), True, TRAIN, QUICK, join_timeout=15), tmp_path, tmp_path / "node0.log")], timeout=120
+    )
     assert status != 0 and output.rstrip().endswith("torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError")
     assert time.monotonic() - began < 90
     assert not (tmp_path / "runs").exists()
@@ -184,8 +201,9 @@ def test_a_taken_port_stops_the_head_node_at_once(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         began = time.monotonic()
-        [(status, output)] = finish([start(node(port, True, TRAIN, QUICK), tmp_path, tmp_path / "node0.log")],
-                                    timeout=120)
+        [(status, output)] = finish(
+            [start(node(port, True, TRAIN, QUICK), tmp_path, tmp_path / "node0.log")], timeout=120
+        )
     assert status != 0 and time.monotonic() - began < 60
     assert f"port: {port}" in output and "EADDRINUSE" in output
     assert "RendezvousConnectionError: The connection to the C10d store has failed" in output
@@ -195,11 +213,21 @@ def test_slurm_script_refuses_a_taken_port_before_starting_any_node(tmp_path):
     folder = submit_folder(tmp_path)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        [(status, output)] = finish([start(["bash", ROOT / "launch" / "slurm.sh", *QUICK], folder, tmp_path / "slurm.log",
-                                           slurm_env(tmp_path / "bin", port))], timeout=60)
+        [(status, output)] = finish(
+            [
+                start(
+                    ["bash", ROOT / "launch" / "slurm.sh", *QUICK],
+                    folder,
+                    tmp_path / "slurm.log",
+                    slurm_env(tmp_path / "bin", port),
+                )
+            ],
+            timeout=60,
+        )
     assert status == 1
-    assert output == (f"error: port {port} on 127.0.0.1 is already taken: submit again with MASTER_PORT set to a "
-                      "free port\n")
+    assert output == (
+        f"error: port {port} on 127.0.0.1 is already taken: submit again with MASTER_PORT set to a free port\n"
+    )
 
 
 def test_nodes_launched_with_other_flags_stop_together_with_one_message(tmp_path):
@@ -207,12 +235,19 @@ def test_nodes_launched_with_other_flags_stop_together_with_one_message(tmp_path
     other = [value if value != "32" else "64" for value in QUICK]  # --batch_size 64 on one node
     port = free_port()
     began = time.monotonic()
-    results = finish([start(node(port, number == 0, TRAIN, flags), tmp_path, tmp_path / f"node{number}.log")
-                      for number, flags in ((0, QUICK), (1, other))], timeout=180)
+    results = finish(
+        [
+            start(node(port, number == 0, TRAIN, flags), tmp_path, tmp_path / f"node{number}.log")
+            for number, flags in ((0, QUICK), (1, other))
+        ],
+        timeout=180,
+    )
     assert all(status != 0 for status, _ in results) and time.monotonic() - began < 120
     output = "".join(output for _, output in results)
-    message = ("error: process 1 was launched with other flags than the main process (--batch_size {} here, {} on "
-               "the main process): give every node the same command")
+    message = (
+        "error: process 1 was launched with other flags than the main process (--batch_size {} here, {} on "
+        "the main process): give every node the same command"
+    )
     assert output.count(message.format(64, 32)) + output.count(message.format(32, 64)) == 1, output
     assert len(re.findall(r"exitcode\s*: 2 ", output)) == 2  # each launcher reports its process's usage-error status
     assert not (tmp_path / "runs").exists()

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
+from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 from torchvision.io import write_png
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.data import fake
-from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
-from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 
 # fp32 and a schedule blind to num_epochs (bit-exact comparisons), a checkpoint at every epoch end
 EXACT = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes", "0"]
@@ -222,19 +222,37 @@ def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_pa
     assert straight.returncode == 0, straight.stderr
     first = run_cli(flags + ["--num_epochs", "1", "--run_dir", "resumed"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    resumed = run_cli(flags + ["--num_epochs", "2", "--run_dir", "resumed", "--resume", "latest", "--save", "resumed.pth"],
-                      cwd=tmp_path)
+    resumed = run_cli(
+        flags + ["--num_epochs", "2", "--run_dir", "resumed", "--resume", "latest", "--save", "resumed.pth"],
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr
     average, final = (read_weights(tmp_path / name)["state_dict"] for name in ("straight_ema.pth", "straight.pth"))
     again = read_weights(tmp_path / "resumed_ema.pth")["state_dict"]
     assert all(torch.equal(average[name], again[name]) for name in average)  # the resume restored the average exactly
     assert not all(torch.equal(average[name], final[name]) for name in average)  # and it is not the final weights
-    validation = {run: [row.get("Accuracy/Validation_EMA") for row in metric_rows(tmp_path / run)
-                        if "Accuracy/Validation" in row] for run in ("straight", "resumed")}
+    validation = {
+        run: [
+            row.get("Accuracy/Validation_EMA") for row in metric_rows(tmp_path / run) if "Accuracy/Validation" in row
+        ]
+        for run in ("straight", "resumed")
+    }
     assert len(validation["straight"]) == 2 and None not in validation["straight"]
     assert validation["resumed"] == validation["straight"]
-    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "straight_ema.pth",
-                          "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
+    evaluation = run_cli(
+        [
+            "--dataset",
+            "fake",
+            "--train=False",
+            "--load_model_path",
+            "straight_ema.pth",
+            "--mixed_precision",
+            "no",
+            "--tta",
+            "none",
+        ],
+        cwd=tmp_path,
+    )
     assert evaluation.returncode == 0, evaluation.stderr
     figures = printed(straight.stdout, "test, averaged weights, (tta none)").split(" accuracy ")[1]
     assert printed(evaluation.stdout) == f"test (tta none) accuracy {figures}"  # what training said of the average
@@ -245,17 +263,27 @@ def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_pa
 
 def test_the_newest_checkpoints_and_the_best_are_kept_and_nothing_else(tmp_path):
     # seed 2 without translation makes epoch 2 the best, so that the best is not among the newest two
-    result = run_cli(EXACT + ["--seed", "2", "--translate", "0", "--num_epochs", "4", "--keep_checkpoints", "2",
-                              "--run_dir", "run"], cwd=tmp_path)
+    result = run_cli(
+        EXACT
+        + ["--seed", "2", "--translate", "0", "--num_epochs", "4", "--keep_checkpoints", "2", "--run_dir", "run"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
-    accuracies = {row["step"]: row["Accuracy/Validation"] for row in metric_rows(tmp_path / "run")
-                  if "Accuracy/Validation" in row}
+    accuracies = {
+        row["step"]: row["Accuracy/Validation"]
+        for row in metric_rows(tmp_path / "run")
+        if "Accuracy/Validation" in row
+    }
     assert sorted(accuracies) == [5, 10, 15, 20]
     best = max(accuracies, key=lambda step: (accuracies[step], -step))  # the first epoch to reach the best accuracy
-    assert best < 15, f"with these flags the best epoch is among the last two ({accuracies}): pick flags where it is not"
+    assert best < 15, (
+        f"with these flags the best epoch is among the last two ({accuracies}): pick flags where it is not"
+    )
     folder = tmp_path / "run" / "checkpoints"
     kept = sorted({best, 15, 20})
-    assert sorted(path.name for path in folder.iterdir()) == [f"step-{step:07d}" for step in kept]  # no .tmp-*, .trash-*
+    assert sorted(path.name for path in folder.iterdir()) == [
+        f"step-{step:07d}" for step in kept
+    ]  # no .tmp-*, .trash-*
     states = [read_state(folder / f"step-{step:07d}") for step in kept]
     assert [state["val_accuracy"] for state in states] == [accuracies[step] for step in kept]
     assert states[-1]["best_val_accuracy"] == max(accuracies.values()) == states[0]["val_accuracy"]
@@ -285,8 +313,22 @@ def test_accelerate_config_file_runs_and_an_explicit_precision_flag_wins(tmp_pat
 # ---------------------------------------------------------------- the stream loader
 
 
-FOLDER = ["--dataset", "folder", "--data_dir", "images", "--batch_size", "32", "--num_epochs", "1", "--logger", "none",
-          "--mixed_precision", "no", "--tta", "none"]
+FOLDER = [
+    "--dataset",
+    "folder",
+    "--data_dir",
+    "images",
+    "--batch_size",
+    "32",
+    "--num_epochs",
+    "1",
+    "--logger",
+    "none",
+    "--mixed_precision",
+    "no",
+    "--tta",
+    "none",
+]
 
 
 def test_stream_loader_trains_from_files_and_is_chosen_when_the_split_does_not_fit(tmp_path, monkeypatch):
@@ -301,7 +343,9 @@ def test_stream_loader_trains_from_files_and_is_chosen_when_the_split_does_not_f
     cache = tmp_path / "images" / ".alexnet_dist_cache"
     streamed = run_cli(FOLDER + ["--loader", "stream", "--save", "stream.pth"], cwd=tmp_path)
     assert streamed.returncode == 0, streamed.stderr
-    assert "180 training / 20 validation images" in streamed.stdout and printed(streamed.stdout).endswith("/40 images)")
+    assert "180 training / 20 validation images" in streamed.stdout and printed(streamed.stdout).endswith(
+        "/40 images)"
+    )
     assert not cache.exists()  # nothing decoded up front
     # --loader auto when the split does not fit: in this process, where the memory budget can be made tiny
     monkeypatch.setattr(alexnet_dist.data, "memory_budget", lambda device: 1000)
@@ -327,7 +371,9 @@ def test_cuda_graphs_stay_off_with_the_stream_loader_on_data_in_memory():
 
     one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1, process_index=0, is_main_process=True)
     flags = QUICK + ["--cuda_graphs", "auto", "--mixed_precision", "bf16"]
-    graphs = {loader: preflight(parse_flags(flags + ["--loader", loader]), one_gpu).graphs for loader in ("device", "stream")}
+    graphs = {
+        loader: preflight(parse_flags(flags + ["--loader", loader]), one_gpu).graphs for loader in ("device", "stream")
+    }
     assert graphs == {"device": True, "stream": False}
 
 
@@ -336,7 +382,9 @@ def test_an_unreadable_image_met_while_streaming_stops_every_rank_naming_it(tmp_
     paths = write_image_folder(tmp_path / "images", "train", train, classes, 64)
     paths[17].write_bytes(b"not a png")  # read only when training reaches it: --loader stream decodes nothing up front
     broken = str(paths[17].relative_to(tmp_path))
-    ranks = launch_ranks(FOLDER + ["--loader", "stream", "--val_size", "0", "--batch_size", "16"], tmp_path)  # every image used
+    ranks = launch_ranks(
+        FOLDER + ["--loader", "stream", "--val_size", "0", "--batch_size", "16"], tmp_path
+    )  # every image used
     codes = [rank.finish() for rank in ranks]
     assert codes == [2, 2], [rank.stderr for rank in ranks]
     assert f"error: unreadable image in the data set: {broken} (1 such file(s))" in ranks[0].stderr
@@ -347,25 +395,40 @@ def test_an_unreadable_image_met_while_streaming_stops_every_rank_naming_it(tmp_
 
 
 def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
+    from test_engine import hand_cut_views
+
     from alexnet_dist.data import read_image, resize_images
     from alexnet_dist.model import alexnet
-    from test_engine import hand_cut_views
 
     train, _, classes = fake()
     paths = write_image_folder(tmp_path / "images", "train", train, classes, 1000)  # no test/: the validation split
     # 10 steps that leave the three modes apart on 300 validation images
-    flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.01",
-                      "--init", "kaiming"]
+    flags = FOLDER + [
+        "--fraction_of_data",
+        "0.25",
+        "--val_size",
+        "0.3",
+        "--num_epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--init",
+        "kaiming",
+    ]
     trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    finals = {mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
-              for mode in ("none", "flip", "ten")}
+    finals = {
+        mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
+        for mode in ("none", "flip", "ten")
+    }
     assert len(set(finals.values())) == 3, f"{finals}: pick flags where the modes differ, or this checks little"
     for mode, expected in finals.items():
         evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode], cwd=tmp_path)
         assert evaluation.returncode == 0, evaluation.stderr
         assert "evaluating on the validation split instead" in evaluation.stdout
-        assert printed(evaluation.stdout, f"validation (tta {mode})").startswith(f"validation (tta {mode}) accuracy {expected}%")
+        assert printed(evaluation.stdout, f"validation (tta {mode})").startswith(
+            f"validation (tta {mode}) accuracy {expected}%"
+        )
     chosen = tmp_path / "chosen"
     chosen.mkdir()
     for path in paths[:6]:
@@ -375,12 +438,28 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     model = alexnet(num_classes=10)
     model.load_state_dict(weights["state_dict"])
     model.eval()
-    views = hand_cut_views(resize_images(torch.stack([read_image(path) for path in files]), (70, 70)), (64, 64),
-                           (0.5,) * 3, (0.5,) * 3)
+    views = hand_cut_views(
+        resize_images(torch.stack([read_image(path) for path in files]), (70, 70)), (64, 64), (0.5,) * 3, (0.5,) * 3
+    )
     lines = {}
     for mode, used in (("none", 1), ("ten", 10)):
-        result = run_cli(["--predict", "chosen", "--load_model_path", "model.pth", "--tta", mode, "--top_k", "10",
-                          "--mixed_precision", "no", "--predict_json", f"{mode}.json"], cwd=tmp_path)
+        result = run_cli(
+            [
+                "--predict",
+                "chosen",
+                "--load_model_path",
+                "model.pth",
+                "--tta",
+                mode,
+                "--top_k",
+                "10",
+                "--mixed_precision",
+                "no",
+                "--predict_json",
+                f"{mode}.json",
+            ],
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         lines[mode] = [line for line in result.stdout.splitlines() if line.startswith("chosen/")]
         with torch.no_grad():
@@ -408,10 +487,15 @@ def test_colour_noise_and_cutout_change_training_batches_only(tmp_path):
     for name, extra in (("plain", []), ("noisy", ["--pca_color", "0.1", "--cutout", "16"])):
         make = loader_factory(parse_flags(QUICK + extra), accelerator, 32, train)
         loader = make(held_out)
-        evaluation[name] = [view for images, _, _ in loader.eval_batches(64) for view in loader.augmentation.views(images, 10)]
+        evaluation[name] = [
+            view for images, _, _ in loader.eval_batches(64) for view in loader.augmentation.views(images, 10)
+        ]
         training[name] = next(make(train).train_epoch(0))[0]
-    assert len(evaluation["noisy"]) == 40 and all(torch.equal(a, b) for a, b in zip(evaluation["plain"], evaluation["noisy"]))
-    # training: a square of zeros (the mean colour, which no pixel of the plain batch hits) of 8 x 8 to 16 x 16 pixels...
+    assert len(evaluation["noisy"]) == 40 and all(
+        torch.equal(a, b) for a, b in zip(evaluation["plain"], evaluation["noisy"])
+    )
+    # training: a square of zeros (the mean colour, which no pixel of the plain batch hits) of 8 x 8 to 16 x 16
+    # pixels...
     cut = (training["noisy"] == 0).all(dim=1)
     assert not (training["plain"] == 0).all(dim=1).any()
     assert all(64 <= int(pixels) <= 256 for pixels in cut.sum(dim=(1, 2)))
@@ -434,19 +518,28 @@ def test_sigint_stops_after_the_current_step_with_a_checkpoint_and_status_130(tm
     last_printed = max(map(int, re.findall(r"^step (\d+):", run.stdout, re.MULTILINE)))
     run.process.send_signal(signal.SIGINT)
     assert run.finish() == 130, run.stderr
-    step = int(re.search(r"stopped by SIGINT after optimizer step (\d+); checkpoint run/checkpoints/step-", run.stderr).group(1))
+    step = int(
+        re.search(r"stopped by SIGINT after optimizer step (\d+); checkpoint run/checkpoints/step-", run.stderr).group(
+            1
+        )
+    )
     assert last_printed <= step <= last_printed + 2  # the step under way, not the epoch's end
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
 
 
 def test_a_second_sigint_stops_at_once(tmp_path):
-    run = launch(QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"], tmp_path,
-                 script=paused_save(tmp_path, 600))  # the save after the first Ctrl-C takes 10 minutes
+    run = launch(
+        QUICK + ["--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"],
+        tmp_path,
+        script=paused_save(tmp_path, 600),
+    )  # the save after the first Ctrl-C takes 10 minutes
     folder = tmp_path / "run" / "checkpoints"
     run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
     run.process.send_signal(signal.SIGINT)
-    run.wait_for(lambda: any((path / "trainer_state.json").exists() for path in folder.glob(".tmp-*")), "the stop's save")
+    run.wait_for(
+        lambda: any((path / "trainer_state.json").exists() for path in folder.glob(".tmp-*")), "the stop's save"
+    )
     run.process.send_signal(signal.SIGINT)
     status = run.finish(timeout=60)
     assert status in (130, -signal.SIGINT), run.stderr
@@ -455,9 +548,23 @@ def test_a_second_sigint_stops_at_once(tmp_path):
 
 def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
     """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(exit_recorder(tmp_path)), *QUICK, "--mixed_precision", "no", "--num_epochs", "30", "--log_freq", "1",
-               "--run_dir", "run"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(exit_recorder(tmp_path)),
+        *QUICK,
+        "--mixed_precision",
+        "no",
+        "--num_epochs",
+        "30",
+        "--log_freq",
+        "1",
+        "--run_dir",
+        "run",
+    ]
     run = Launched(command, tmp_path, cli_env())
     run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
     run.process.send_signal(signal.SIGINT)

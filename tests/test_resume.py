@@ -11,14 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
-from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 
 HELPER = ROOT / "tests" / "rank_weights.py"
 # 5 steps per epoch, a schedule blind to num_epochs, fp32 (bit-exact comparisons)
 # a checkpoint at every epoch end (--checkpoint_minutes 0), as these tests resume from them
-KAIMING = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes", "0"]
+KAIMING = QUICK + [
+    "--init",
+    "kaiming",
+    "--schedule",
+    "plateau",
+    "--mixed_precision",
+    "no",
+    "--checkpoint_minutes",
+    "0",
+]
 
 
 def weights(path) -> dict:
@@ -34,8 +43,14 @@ def identical(a: dict, b: dict) -> bool:
 
 
 def launch(args, cwd, env=None, script=TRAIN) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env or cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, process, timeout=600.0):
@@ -45,7 +60,9 @@ def wait_for(condition, process, timeout=600.0):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             out, err = process.communicate()
-            raise AssertionError(f"{'timed out' if process.returncode == -9 else 'ended first'}:\n{out[-2000:]}\n{err[-2000:]}")
+            raise AssertionError(
+                f"{'timed out' if process.returncode == -9 else 'ended first'}:\n{out[-2000:]}\n{err[-2000:]}"
+            )
         time.sleep(0.05)
 
 
@@ -54,8 +71,10 @@ def test_resume_is_bit_identical_on_one_process(tmp_path):
     assert straight.returncode == 0, straight.stderr
     # stopped on purpose after one epoch, then resumed with more epochs
     assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "short"], cwd=tmp_path).returncode == 0
-    longer = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "short", "--resume", "latest", "--save", "longer.pth"],
-                     cwd=tmp_path)
+    longer = run_cli(
+        KAIMING + ["--num_epochs", "2", "--run_dir", "short", "--resume", "latest", "--save", "longer.pth"],
+        cwd=tmp_path,
+    )
     assert longer.returncode == 0, longer.stderr
     assert "resumed from short/checkpoints/step-0000005: epoch 2, step 0" in longer.stdout
     # interrupted (SIGKILL) once its first epoch's checkpoint exists, resumed with the same flags
@@ -79,27 +98,47 @@ def test_resume_is_bit_identical_on_one_process(tmp_path):
 def test_resume_on_two_processes_matches_within_tolerance(tmp_path):
     for out in ("a", "b"):
         (tmp_path / out).mkdir()
-    straight = run_cli([tmp_path / "a", *KAIMING, "--num_epochs", "2", "--run_dir", "a/run"], cwd=tmp_path,
-                       script=HELPER, processes=2)
+    straight = run_cli(
+        [tmp_path / "a", *KAIMING, "--num_epochs", "2", "--run_dir", "a/run"], cwd=tmp_path, script=HELPER, processes=2
+    )
     assert straight.returncode == 0, straight.stderr
-    first = run_cli([tmp_path / "b", *KAIMING, "--num_epochs", "1", "--run_dir", "b/run"], cwd=tmp_path, script=HELPER,
-                    processes=2)
+    first = run_cli(
+        [tmp_path / "b", *KAIMING, "--num_epochs", "1", "--run_dir", "b/run"], cwd=tmp_path, script=HELPER, processes=2
+    )
     assert first.returncode == 0, first.stderr
-    second = run_cli([tmp_path / "b", *KAIMING, "--num_epochs", "2", "--run_dir", "b/run", "--resume", "latest"],
-                     cwd=tmp_path, script=HELPER, processes=2)
+    second = run_cli(
+        [tmp_path / "b", *KAIMING, "--num_epochs", "2", "--run_dir", "b/run", "--resume", "latest"],
+        cwd=tmp_path,
+        script=HELPER,
+        processes=2,
+    )
     assert second.returncode == 0, second.stderr
     a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
     assert all(torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6) for name in a)
 
 
 def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path):
-    deterministic = KAIMING + ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64"]
+    deterministic = KAIMING + [
+        "--dropout",
+        "0",
+        "--flip=False",
+        "--translate",
+        "0",
+        "--resize",
+        "64",
+        "--random_crop",
+        "64",
+    ]
     straight = run_cli(deterministic + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     for name, processes, extra in [("two", 2, []), ("accumulated", 1, ["--grad_accum_steps", "2"])]:
         assert run_cli(deterministic + ["--num_epochs", "1", "--run_dir", name], cwd=tmp_path).returncode == 0
-        resumed = run_cli(deterministic + ["--num_epochs", "2", "--run_dir", name, "--resume", "latest",
-                                           "--save", f"{name}.pth", *extra], cwd=tmp_path, processes=processes)
+        resumed = run_cli(
+            deterministic
+            + ["--num_epochs", "2", "--run_dir", name, "--resume", "latest", "--save", f"{name}.pth", *extra],
+            cwd=tmp_path,
+            processes=processes,
+        )
         assert resumed.returncode == 0, resumed.stderr
         a, b = weights(tmp_path / "straight.pth"), weights(tmp_path / f"{name}.pth")
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
@@ -108,14 +147,18 @@ def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path
 def test_resume_refuses_what_changes_the_training_unless_told(tmp_path):
     assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "r"], cwd=tmp_path).returncode == 0
     before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
-    refused = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16"],
-                      cwd=tmp_path)
+    refused = run_cli(
+        KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16"], cwd=tmp_path
+    )
     assert refused.returncode == 2
     assert refused.stderr.strip().startswith("error: --resume r/checkpoints/step-0000005: these flags change what is")
     assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
-    allowed = run_cli(KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16",
-                                 "--allow_config_change"], cwd=tmp_path)
+    allowed = run_cli(
+        KAIMING
+        + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16", "--allow_config_change"],
+        cwd=tmp_path,
+    )
     assert allowed.returncode == 0, allowed.stderr
     assert "global batch 16 = 1 process(es)" in allowed.stdout  # the new batch size took effect
     assert read_state(complete_checkpoints(tmp_path / "r" / "checkpoints")[-1])["config"]["batch_size"] == 16
@@ -149,8 +192,9 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
         if during_save:  # the temporary folder holds the whole state and the run sleeps before renaming it
             wait_for(lambda: any((path / "trainer_state.json").exists() for path in folder.glob(".tmp-*")), process)
         else:
-            wait_for(lambda: any(int(path.name.split("-")[1]) > last_step for path in complete_checkpoints(folder)),
-                     process)
+            wait_for(
+                lambda: any(int(path.name.split("-")[1]) > last_step for path in complete_checkpoints(folder)), process
+            )
         process.kill()
         process.communicate()
         assert list(folder.glob(".tmp-*")) or not during_save  # the kill landed inside the save
@@ -174,13 +218,18 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     result = run_cli(diverging + ["--resume", "latest", "--lr", "1e6", "--allow_config_change"], cwd=tmp_path)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("the loss became non-finite at optimizer step ") and "run/checkpoints/step-0000005" in message
+    assert (
+        message.startswith("the loss became non-finite at optimizer step ")
+        and "run/checkpoints/step-0000005" in message
+    )
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000005"]
 
 
-OPTIMIZERS = {"fused SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
-              "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-              "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1)}
+OPTIMIZERS = {
+    "fused SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1),
+}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -197,15 +246,31 @@ def test_skipping_nonfinite_steps_leaves_no_trace_with_any_optimizer(name):
         model = torch.nn.Linear(4, 2)
         model, optimizer = accelerator.prepare(model, OPTIMIZERS[name](model.parameters()))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        return Trainer(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                       criterion=torch.nn.CrossEntropyLoss(), loader=GivenBatches(batches), make_loader=None, average=None,
-                       meter=Meter(accelerator), guard=NonfiniteGuard(accelerator, skip), speedups=Speedups(accelerator, optimizer))
+        return Trainer(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            criterion=torch.nn.CrossEntropyLoss(),
+            loader=GivenBatches(batches),
+            make_loader=None,
+            average=None,
+            meter=Meter(accelerator),
+            guard=NonfiniteGuard(accelerator, skip),
+            speedups=Speedups(accelerator, optimizer),
+        )
 
-    bad, good = (torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.int64)), (torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
+    bad, good = (
+        (torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.int64)),
+        (torch.ones(3, 4), torch.zeros(3, dtype=torch.int64)),
+    )
     skipping, reference = trainer([bad, good], skip=True), trainer([good], skip=False)
     initial = [p.detach().clone() for p in skipping.model.parameters()]
     after_each = []
-    train(skipping, Steps([0], each_step=lambda: after_each.append([p.detach().clone() for p in skipping.model.parameters()])))
+    train(
+        skipping,
+        Steps([0], each_step=lambda: after_each.append([p.detach().clone() for p in skipping.model.parameters()])),
+    )
     train(reference, Steps([0]))
     assert all(torch.equal(a, b) for a, b in zip(after_each[0], initial))  # the NaN step was skipped
     assert skipping.meter.nonfinite() == (1, 1)  # and counted
@@ -229,10 +294,29 @@ def trained(tmp_path_factory):
     for label in ("cat", "dog"):
         (root / "two" / "train" / label).mkdir(parents=True)
         for index in range(20):
-            write_png(torch.full((3, 32, 32), 60 + 100 * (label == "dog"), dtype=torch.uint8),
-                      str(root / "two" / "train" / label / f"{index}.png"))
-    folder_run = run_cli(["--dataset", "folder", "--data_dir", "two", "--batch_size", "8", "--num_epochs", "1",
-                          "--logger", "none", "--run_dir", "folder_run", "--schedule", "plateau"], cwd=root)
+            write_png(
+                torch.full((3, 32, 32), 60 + 100 * (label == "dog"), dtype=torch.uint8),
+                str(root / "two" / "train" / label / f"{index}.png"),
+            )
+    folder_run = run_cli(
+        [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            "two",
+            "--batch_size",
+            "8",
+            "--num_epochs",
+            "1",
+            "--logger",
+            "none",
+            "--run_dir",
+            "folder_run",
+            "--schedule",
+            "plateau",
+        ],
+        cwd=root,
+    )
     assert folder_run.returncode == 0, folder_run.stderr
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -245,7 +329,7 @@ def copy_run(trained, name, tmp_path) -> Path:
 
 def damage_weights(run: Path):
     path = complete_checkpoints(run / "checkpoints")[-1] / "pytorch_model.bin"
-    path.write_bytes(path.read_bytes()[: 1000])
+    path.write_bytes(path.read_bytes()[:1000])
 
 
 def damage_state(run: Path):
@@ -254,29 +338,69 @@ def damage_state(run: Path):
 
 RESUME = KAIMING + ["--num_epochs", "2", "--run_dir", "fake_run", "--resume", "latest"]
 CHECKPOINT_CASES = [  # (name, prepare(trained, tmp_path), argv, expected message)
-    ("truncated checkpoint", lambda t, p: damage_weights(copy_run(t, "fake_run", p)), RESUME,
-     "cannot be loaded (RuntimeError): it is damaged; resume from an older checkpoint"),
-    ("damaged state file", lambda t, p: damage_state(copy_run(t, "fake_run", p)), RESUME,
-     "trainer_state.json is damaged"),
-    ("other architecture", lambda t, p: copy_run(t, "fake_run", p), RESUME + ["--groups", "2"],
-     "was trained with groups=1 on 10 classes, this run builds groups=2 for 10 classes"),
-    ("other data set and class count", lambda t, p: copy_run(t, "folder_run", p),
-     RESUME[:-4] + ["--num_epochs", "2", "--run_dir", "folder_run", "--resume", "latest", "--batch_size", "8"],
-     "was trained with groups=1 on 2 classes, this run builds groups=1 for 10 classes"),
-    ("other data fraction", lambda t, p: copy_run(t, "fake_run", p), RESUME + ["--fraction_of_data", "0.3"],
-     "was trained on 180 training images, this run has 270: not the same data"),
-    ("no checkpoint in the folder", lambda t, p: (p / "empty").mkdir(), KAIMING + ["--resume", "empty"],
-     "empty/checkpoints holds no complete checkpoint"),
+    (
+        "truncated checkpoint",
+        lambda t, p: damage_weights(copy_run(t, "fake_run", p)),
+        RESUME,
+        "cannot be loaded (RuntimeError): it is damaged; resume from an older checkpoint",
+    ),
+    (
+        "damaged state file",
+        lambda t, p: damage_state(copy_run(t, "fake_run", p)),
+        RESUME,
+        "trainer_state.json is damaged",
+    ),
+    (
+        "other architecture",
+        lambda t, p: copy_run(t, "fake_run", p),
+        RESUME + ["--groups", "2"],
+        "was trained with groups=1 on 10 classes, this run builds groups=2 for 10 classes",
+    ),
+    (
+        "other data set and class count",
+        lambda t, p: copy_run(t, "folder_run", p),
+        RESUME[:-4] + ["--num_epochs", "2", "--run_dir", "folder_run", "--resume", "latest", "--batch_size", "8"],
+        "was trained with groups=1 on 2 classes, this run builds groups=1 for 10 classes",
+    ),
+    (
+        "other data fraction",
+        lambda t, p: copy_run(t, "fake_run", p),
+        RESUME + ["--fraction_of_data", "0.3"],
+        "was trained on 180 training images, this run has 270: not the same data",
+    ),
+    (
+        "no checkpoint in the folder",
+        lambda t, p: (p / "empty").mkdir(),
+        KAIMING + ["--resume", "empty"],
+        "empty/checkpoints holds no complete checkpoint",
+    ),
     ("no run to resume", lambda t, p: None, KAIMING + ["--resume", "latest"], "no run under runs/ has a checkpoint"),
-    ("existing run directory", lambda t, p: (p / "taken").mkdir() or (p / "taken" / "notes.txt").write_text("mine"),
-     KAIMING + ["--run_dir", "taken"], "--run_dir taken already exists"),
-    ("partial CIFAR-10 archive", lambda t, p: (p / "data").mkdir() or (p / "data" / "cifar-10-python.tar.gz").write_bytes(b"x"),
-     ["--dataset", "cifar10", "--data_dir", "data"], "is corrupt or partly downloaded (its checksum is wrong): delete it"),
-    ("unreadable image", lambda t, p: shutil.copytree(t / "two", p / "two") and (p / "two" / "train" / "cat" / "x.jpg").write_bytes(b"x"),
-     ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8"], "two/train/cat/x.jpg: cannot be read as an image"),
-    ("cache folder that cannot be written", lambda t, p: shutil.copytree(t / "two", p / "two") and (p / "blocker").write_text(""),
-     ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8", "--cache_dir", "blocker/cache"],
-     "cannot write the decoded-image cache in blocker/cache"),
+    (
+        "existing run directory",
+        lambda t, p: (p / "taken").mkdir() or (p / "taken" / "notes.txt").write_text("mine"),
+        KAIMING + ["--run_dir", "taken"],
+        "--run_dir taken already exists",
+    ),
+    (
+        "partial CIFAR-10 archive",
+        lambda t, p: (p / "data").mkdir() or (p / "data" / "cifar-10-python.tar.gz").write_bytes(b"x"),
+        ["--dataset", "cifar10", "--data_dir", "data"],
+        "is corrupt or partly downloaded (its checksum is wrong): delete it",
+    ),
+    (
+        "unreadable image",
+        lambda t, p: (
+            shutil.copytree(t / "two", p / "two") and (p / "two" / "train" / "cat" / "x.jpg").write_bytes(b"x")
+        ),
+        ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8"],
+        "two/train/cat/x.jpg: cannot be read as an image",
+    ),
+    (
+        "cache folder that cannot be written",
+        lambda t, p: shutil.copytree(t / "two", p / "two") and (p / "blocker").write_text(""),
+        ["--dataset", "folder", "--data_dir", "two", "--batch_size", "8", "--cache_dir", "blocker/cache"],
+        "cannot write the decoded-image cache in blocker/cache",
+    ),
 ]
 
 

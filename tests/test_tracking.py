@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, cli_env, run_cli
 from PIL import Image
 from torchvision.io import write_png
 
 from alexnet_dist.data import fake
-from conftest import QUICK, ROOT, cli_env, run_cli
 
 
 def wandb_summary(path: Path) -> dict:
@@ -42,21 +42,43 @@ def wandb_summary(path: Path) -> dict:
 
 def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
-    result = run_cli(QUICK + ["--logger", "wandb", "--log_freq", "1", "--run_name", "offline-test", "--num_epochs", "3",
-                              "--init", "kaiming"], cwd=tmp_path, env=env)
+    result = run_cli(
+        QUICK
+        + [
+            "--logger",
+            "wandb",
+            "--log_freq",
+            "1",
+            "--run_name",
+            "offline-test",
+            "--num_epochs",
+            "3",
+            "--init",
+            "kaiming",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     summary = wandb_summary(runs[0])
-    correct, total = map(int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups())
+    correct, total = map(
+        int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups()
+    )
     assert summary["Accuracy/Test"] == pytest.approx(correct / total)  # what the run printed
     last = json.loads(next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()[-1])
     for key in ("Accuracy/Test", "Accuracy/Validation_final/tta_ten", "time/total", "time/training"):
         assert summary[key] == pytest.approx(last[key])  # the same as the run's own metrics file
-    validation = [json.loads(line) for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl")
-                  .read_text().splitlines() if "Accuracy/Validation" in line and "final" not in line]
+    validation = [
+        json.loads(line)
+        for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()
+        if "Accuracy/Validation" in line and "final" not in line
+    ]
     assert len(validation) == 3  # the summary keeps the best epoch's validation accuracy, not the last one
-    assert summary["Accuracy/Validation"] == {"max": pytest.approx(max(row["Accuracy/Validation"] for row in validation))}
+    assert summary["Accuracy/Validation"] == {
+        "max": pytest.approx(max(row["Accuracy/Validation"] for row in validation))
+    }
     assert "Loss/Train" in summary and "images_per_second" in summary and summary["optimizer_step"] == 15
     # the end-of-run pictures: a predictions table (seeded sample + confident mistakes) and the confused pairs
     files = runs[0].parent / "files"
@@ -89,7 +111,9 @@ def test_tensorboard_events_hold_the_three_curves(tmp_path):
     tags = accumulator.Tags()["scalars"]
     assert {"Loss/Train", "Accuracy/Train", "Accuracy/Validation"} <= set(tags)
     assert len(accumulator.Scalars("Loss/Train")) == 5  # one per optimizer step at log_freq 1
-    correct, total = map(int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups())
+    correct, total = map(
+        int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups()
+    )
     assert accumulator.Scalars("Accuracy/Test")[-1].value == pytest.approx(correct / total)
     assert {"test/confusion_matrix_image", "test/most_confused_pairs"} <= set(accumulator.Tags()["images"])
 
@@ -108,19 +132,34 @@ def test_run_directory_metrics_plots_and_the_plot_command(tmp_path):
             image.verify()
     for name in pictures[:3]:
         (run / name).unlink()
-    redraw = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run)], capture_output=True, text=True,
-                            env=cli_env(), cwd=tmp_path)
+    redraw = subprocess.run(
+        [sys.executable, "-m", "alexnet_dist.plot", str(run)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
     assert redraw.returncode == 0, redraw.stderr
     assert all((run / name).exists() for name in pictures[:3])
     assert "LossTrain.png: 1 run(s)" in redraw.stdout
     other = run_cli(QUICK + ["--num_epochs", "1", "--log_freq", "1", "--run_dir", "other"], cwd=tmp_path)
     assert other.returncode == 0, other.stderr
-    overlay = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", str(run), "other", "--out", "compare"],
-                             capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
+    overlay = subprocess.run(
+        [sys.executable, "-m", "alexnet_dist.plot", str(run), "other", "--out", "compare"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
     assert overlay.returncode == 0 and (tmp_path / "compare" / "LossTrain.png").exists()
     assert all(f"{name}: 2 run(s)" in overlay.stdout for name in pictures[:3])  # both runs drawn in every curve
-    missing = subprocess.run([sys.executable, "-m", "alexnet_dist.plot", "nowhere"], capture_output=True, text=True,
-                             env=cli_env(), cwd=tmp_path)
+    missing = subprocess.run(
+        [sys.executable, "-m", "alexnet_dist.plot", "nowhere"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
 
 
@@ -143,8 +182,23 @@ def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
             write_png(test.images[index], str(tmp_path / "images" / split / label / f"{index}.png"))
     (tmp_path / "images" / "test" / classes[0] / "broken.png").write_bytes(b"not a png")
     # fp32 in both: predictions go in batches of 40 images, evaluation in one of 512; bf16 may round them apart
-    prediction = run_cli(["--predict", "images/test", "--load_model_path", "model.pth", "--predict_json", "p.json",
-                          "--top_k", "2", "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
+    prediction = run_cli(
+        [
+            "--predict",
+            "images/test",
+            "--load_model_path",
+            "model.pth",
+            "--predict_json",
+            "p.json",
+            "--top_k",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--tta",
+            "none",
+        ],
+        cwd=tmp_path,
+    )
     assert prediction.returncode == 0, prediction.stderr
     assert "skipped images/test/pattern0/broken.png" in prediction.stdout
     predicted = json.loads((tmp_path / "p.json").read_text())
@@ -152,10 +206,26 @@ def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
     assert all(p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predicted)
     correct = sum(Path(p["file"]).parent.name == p["top"][0]["class"] for p in predicted)
     (tmp_path / "images" / "test" / classes[0] / "broken.png").unlink()
-    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", "--load_model_path", "model.pth",
-                          "--mixed_precision", "no", "--tta", "none"], cwd=tmp_path)
+    evaluation = run_cli(
+        [
+            "--train=False",
+            "--dataset",
+            "folder",
+            "--data_dir",
+            "images",
+            "--load_model_path",
+            "model.pth",
+            "--mixed_precision",
+            "no",
+            "--tta",
+            "none",
+        ],
+        cwd=tmp_path,
+    )
     assert evaluation.returncode == 0, evaluation.stderr
-    assert re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/40 images\)", evaluation.stdout).group(1) == str(correct)
+    assert re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/40 images\)", evaluation.stdout).group(1) == str(
+        correct
+    )
 
 
 def test_predictions_refuse_weights_of_another_network(tmp_path):
@@ -163,4 +233,7 @@ def test_predictions_refuse_weights_of_another_network(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     result = run_cli(["--predict", "a.png", "--load_model_path", "other.pth"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --load_model_path other.pth holds the weights of another network, not AlexNet's"
+    assert (
+        result.stderr.strip()
+        == "error: --load_model_path other.pth holds the weights of another network, not AlexNet's"
+    )

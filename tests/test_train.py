@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
+from conftest import QUICK, ROOT, run_cli
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
-from conftest import QUICK, ROOT, run_cli
 
 HELPER = ROOT / "tests" / "rank_weights.py"
 
@@ -24,7 +24,9 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert "global batch 32 = 1 process(es) x 1 accumulation step(s) x 32 images per micro-batch" in result.stdout
     configuration = [line for line in result.stdout.splitlines() if line.startswith("configuration: ")]
     assert len(configuration) == 1  # the whole configuration, printed once at the start
-    assert "batch_size=32" in configuration[0] and "log_freq=2" in configuration[0] and "dataset=fake" in configuration[0]
+    assert (
+        "batch_size=32" in configuration[0] and "log_freq=2" in configuration[0] and "dataset=fake" in configuration[0]
+    )
     assert "step 2: training loss" in result.stdout
     assert re.search(r"epoch 1/1: loss [\d.]+, train accuracy [\d.]+%, validation accuracy [\d.]+%", result.stdout)
     weights = read_weights(tmp_path / "out" / "model.pth")
@@ -33,8 +35,20 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
     trained = re.search(r"test \(tta none\) accuracy ([\d.]+)%", result.stdout).group(1)
 
-    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "out/model.pth", "--tta", "none",
-                          "--mixed_precision", "no"], cwd=tmp_path)
+    evaluation = run_cli(
+        [
+            "--dataset",
+            "fake",
+            "--train=False",
+            "--load_model_path",
+            "out/model.pth",
+            "--tta",
+            "none",
+            "--mixed_precision",
+            "no",
+        ],
+        cwd=tmp_path,
+    )
     assert evaluation.returncode == 0, evaluation.stderr
     assert re.search(r"test \(tta none\) accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
     assert "pattern9" in evaluation.stdout  # per-class lines
@@ -53,16 +67,28 @@ def test_two_processes_end_with_identical_weights(tmp_path):
 
 # AlexNet's parameters at the default flags (10 classes; the crop does not matter after the 6x6 pooling), by hand:
 # (inputs x kernel + 1 bias) x outputs for conv1..conv5, then the three linear layers
-GRADIENTS = ((3 * 11 * 11 + 1) * 64 + (64 * 5 * 5 + 1) * 192 + (192 * 3 * 3 + 1) * 384 + (384 * 3 * 3 + 1) * 256
-             + (256 * 3 * 3 + 1) * 256 + (256 * 6 * 6 + 1) * 4096 + (4096 + 1) * 4096 + (4096 + 1) * 10)
+GRADIENTS = (
+    (3 * 11 * 11 + 1) * 64
+    + (64 * 5 * 5 + 1) * 192
+    + (192 * 3 * 3 + 1) * 384
+    + (384 * 3 * 3 + 1) * 256
+    + (256 * 3 * 3 + 1) * 256
+    + (256 * 6 * 6 + 1) * 4096
+    + (4096 + 1) * 4096
+    + (4096 + 1) * 10
+)
 
 
 @pytest.mark.parametrize("hook,dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")])
 def test_ddp_comm_hook_sends_every_gradient_in_16_bits(tmp_path, hook, dtype):
     """Two gloo processes with --ddp_comm_hook: each optimizer step all-reduces all 57,044,810 gradients in 16 bits
     (through the hook; without one DDP reduces in C++ and nothing 16-bit passes torch.distributed.all_reduce)."""
-    result = run_cli([tmp_path, *QUICK, "--ddp_comm_hook", hook, "--save", "model.pth"], cwd=tmp_path,
-                     script=ROOT / "tests" / "comm_probe.py", processes=2)
+    result = run_cli(
+        [tmp_path, *QUICK, "--ddp_comm_hook", hook, "--save", "model.pth"],
+        cwd=tmp_path,
+        script=ROOT / "tests" / "comm_probe.py",
+        processes=2,
+    )
     assert result.returncode == 0, result.stderr
     assert "test (tta none) accuracy" in result.stdout
     rank0, rank1 = (torch.load(tmp_path / f"comm{rank}.pt") for rank in (0, 1))
@@ -83,9 +109,23 @@ def test_ddp_comm_hook_is_harmless_on_one_process():
 
 def test_launch_does_not_change_what_is_learned(tmp_path):
     """Dropout and random augmentation off: 1 x 32, 2 x 16 and 1 x 2 accumulation x 16 take the same steps."""
-    flags = QUICK + ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64", "--init", "kaiming",
-                     "--mixed_precision", "no",
-                     "--save", "model.pth"]
+    flags = QUICK + [
+        "--dropout",
+        "0",
+        "--flip=False",
+        "--translate",
+        "0",
+        "--resize",
+        "64",
+        "--random_crop",
+        "64",
+        "--init",
+        "kaiming",
+        "--mixed_precision",
+        "no",
+        "--save",
+        "model.pth",
+    ]
     setups = {"one": (1, []), "two_processes": (2, []), "accumulation": (1, ["--grad_accum_steps", "2"])}
     weights = {}
     for name, (processes, extra) in setups.items():
@@ -136,14 +176,36 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
     """--compile true: the weights file has the plain network's names (no torch.compile prefix), so evaluation
     and predictions load it; a checkpoint of the compiled run resumes, compiled or not."""
     # plateau: a schedule blind to num_epochs, so that the resume may add an epoch
-    flags = QUICK + ["--compile", "true", "--mixed_precision", "no", "--checkpoint_minutes", "0", "--run_dir", "run",
-                     "--schedule", "plateau"]
+    flags = QUICK + [
+        "--compile",
+        "true",
+        "--mixed_precision",
+        "no",
+        "--checkpoint_minutes",
+        "0",
+        "--run_dir",
+        "run",
+        "--schedule",
+        "plateau",
+    ]
     trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     state_dict = read_weights(tmp_path / "model.pth")["state_dict"]
     assert "features.0.weight" in state_dict and not any("_orig_mod" in name for name in state_dict)
-    evaluation = run_cli(["--dataset", "fake", "--train=False", "--load_model_path", "model.pth", "--tta", "none",
-                          "--mixed_precision", "no"], cwd=tmp_path)
+    evaluation = run_cli(
+        [
+            "--dataset",
+            "fake",
+            "--train=False",
+            "--load_model_path",
+            "model.pth",
+            "--tta",
+            "none",
+            "--mixed_precision",
+            "no",
+        ],
+        cwd=tmp_path,
+    )
     assert evaluation.returncode == 0, evaluation.stderr
     printed = r"test \(tta none\) accuracy ([\d.]+)%"
     assert re.search(printed, evaluation.stdout).group(1) == re.search(printed, trained.stdout).group(1)
@@ -157,8 +219,10 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
     for compile in ("true", "false"):
         folder = tmp_path / f"resume_{compile}"
         shutil.copytree(tmp_path / "run", folder / "run")
-        resumed = run_cli([*flags, "--num_epochs", "2", "--compile", compile, "--resume", "latest",
-                           "--save", "again.pth"], cwd=folder)
+        resumed = run_cli(
+            [*flags, "--num_epochs", "2", "--compile", compile, "--resume", "latest", "--save", "again.pth"],
+            cwd=folder,
+        )
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from run/checkpoints/step-0000005" in resumed.stdout
 
@@ -169,7 +233,9 @@ def test_the_default_smoke_run_learns(tmp_path):
     accuracy well above chance (10%)."""
     result = run_cli(["--dataset", "fake", "--num_epochs", "6", "--logger", "none", "--tta", "none"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    epochs = re.findall(r"epoch \d/6: loss ([\d.]+), train accuracy [\d.]+%, validation accuracy ([\d.]+)%", result.stdout)
+    epochs = re.findall(
+        r"epoch \d/6: loss ([\d.]+), train accuracy [\d.]+%, validation accuracy ([\d.]+)%", result.stdout
+    )
     losses, accuracies = [float(loss) for loss, _ in epochs], [float(accuracy) for _, accuracy in epochs]
     assert len(losses) == 6 and losses[-1] < 1.9 and losses[-1] < losses[0]
     assert accuracies[-1] > 40.0

@@ -6,9 +6,13 @@ then the 9216 -> 4096 layer). 'once': dropout on the 256 features, the layer's 3
 summed (the folded form evaluation uses) - a different function in training (one mask per feature
 instead of one per copy). Windows interleaved; median and min-max of 5 windows of 3 steps.
 """
-import statistics, time, json, sys
+import json
+import statistics
+import time
+
 import torch
 from torch import nn
+
 from alexnet_dist.model import alexnet
 
 torch.manual_seed(0)
