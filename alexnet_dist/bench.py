@@ -208,13 +208,19 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         "seconds_25_epochs": 25 * train_images / statistics.median(rates["default"]),
         "time": times,
     }
+    print_result(result, table)
+    if json_path:
+        write_text(json_path, json.dumps(result, indent=2) + "\n")
+
+
+def print_result(result: dict, table: str):
     print(
-        f"{result['device']}, torch {torch.__version__}, batch {cfg.batch_size}, {project['precision']} precision, "
-        f"CUDA graphs {'on' if project['graphs'] else 'off'}, compile {cfg.compile}; {windows} windows of {steps} "
-        "steps each, taken in turns: median [min-max]"
+        f"{result['device']}, torch {result['torch']}, batch {result['batch_size']}, {result['precision']} precision, "
+        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, compile {result['compile']}; {result['windows']} "
+        f"windows of {result['steps']} steps each, taken in turns: median [min-max]"
     )
     labels = {
-        "seed": f"(a) seed pipeline (PIL, {seed_workers} workers, fp32)",
+        "seed": f"(a) seed pipeline (PIL, {result['seed_workers']} workers, fp32)",
         "default": "(b) this project's default training",
         "ceiling": "(c) ceiling, random batch on the device",
     }
@@ -225,10 +231,11 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         figure = result[name]
         verdict = "" if figure["conclusive"] else "  inconclusive: the windows' range reaches across 1"
         print(f"{label} = {figure['median']:.2f}  [{figure['min']:.2f}-{figure['max']:.2f}]{verdict}")
-    print(f"25 epochs of {train_images:,} CIFAR-10 training images at (b): {result['seconds_25_epochs']:.1f} s")
+    print(
+        f"25 epochs of {result['cifar10_training_images']:,} CIFAR-10 training images at (b): "
+        f"{result['seconds_25_epochs']:.1f} s"
+    )
     print(table)
-    if json_path:
-        write_text(json_path, json.dumps(result, indent=2) + "\n")
 
 
 def cli():

@@ -279,14 +279,7 @@ class Run:
             self._save_weights(unwrapped)
         summary = {"train_seconds": train_seconds}
         with clock.part("final"):
-            final = self.evaluator(self.val_loader, tuple(TTA_VIEWS)) if self.val_loader is not None else {}
-            for (weights, mode), confusion in final.items():
-                name = f"Accuracy/Validation_final{'_EMA' if weights == 'ema' else ''}/tta_{mode}"
-                summary[name] = accuracy(confusion)
-                self.print(
-                    f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
-                    f"tta {mode}: {100 * summary[name]:.2f}%"
-                )
+            final = self._final_validation(summary)
             test_loader, test_confusion = self._test(summary)
             split, loader, confusion = (
                 ("test", test_loader, test_confusion)
@@ -313,6 +306,18 @@ class Run:
                 confusion, self.data.classes, self.plan.save_path, self.trainer.global_step, gallery, split
             )
         return unwrapped
+
+    def _final_validation(self, summary: dict) -> dict:
+        """Validation accuracy in every test-time mode, into `summary` and printed: {(weights, mode): confusion}."""
+        final = self.evaluator(self.val_loader, tuple(TTA_VIEWS)) if self.val_loader is not None else {}
+        for (weights, mode), confusion in final.items():
+            name = f"Accuracy/Validation_final{'_EMA' if weights == 'ema' else ''}/tta_{mode}"
+            summary[name] = accuracy(confusion)
+            self.print(
+                f"final validation accuracy, {'averaged' if weights == 'ema' else 'final'} weights, "
+                f"tta {mode}: {100 * summary[name]:.2f}%"
+            )
+        return final
 
     def _save_weights(self, unwrapped):
         save_path, main = self.plan.save_path, self.accelerator.is_main_process
