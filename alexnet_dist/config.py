@@ -8,6 +8,7 @@ resumed run must keep are all read off its fields. The tracker and every checkpo
 """
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,9 @@ class Config:
         for source in (base or {}, flags):
             unknown = sorted(set(source) - set(FIELDS))
             if unknown:
-                raise UsageError(f"unknown flag --{unknown[0]} (run with --help for the list of flags)")
+                close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+                hint = f"did you mean --{close[0]}?" if close else "run with --help for the list of flags"
+                raise UsageError(f"unknown flag --{unknown[0]} ({hint})")
             values.update(source)
         config = cls(**{name: FIELDS[name].metadata["check"](name, value) for name, value in values.items()})
         config.check_combinations()

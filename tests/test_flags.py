@@ -46,7 +46,9 @@ def weights(tmp_path_factory):
 
 
 BAD_INPUTS = [
-    (["--no_such_flag", "1"], "unknown flag --no_such_flag"),
+    (["--no_such_flag", "1"], "unknown flag --no_such_flag (run with --help for the list of flags)"),
+    (["--epochs", "3"], "unknown flag --epochs (did you mean --num_epochs?)"),
+    (["--batchsize", "64"], "unknown flag --batchsize (did you mean --batch_size?)"),
     (["stray"], "unexpected argument stray"),
     (["--val_size", "-0.1"], "--val_size must be in [0.0, 1.0)"),
     (["--val_size", "1"], "--val_size"),

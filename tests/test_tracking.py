@@ -5,6 +5,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def wandb_summary(path: Path) -> dict:
 
 def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
+    began = time.monotonic()
     result = run_cli(
         QUICK
         + [
@@ -68,8 +70,13 @@ def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     )
     assert summary["Accuracy/Test"] == pytest.approx(correct / total)  # what the run printed
     last = json.loads(next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()[-1])
+    wall = time.monotonic() - began
     for key in ("Accuracy/Test", "Accuracy/Validation_final/tta_ten", "time/total", "time/training"):
         assert summary[key] == pytest.approx(last[key])  # the same as the run's own metrics file
+    # the breakdown: its parts add up to its total, which is the process's time, within what the test saw
+    parts = [value for key, value in last.items() if key.startswith("time/") and key != "time/total"]
+    assert len(parts) == 9 and sum(parts) == pytest.approx(last["time/total"], abs=0.01)
+    assert 0 < last["time/training"] < last["time/total"] <= wall
     validation = [
         json.loads(line)
         for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()
