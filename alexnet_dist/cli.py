@@ -90,6 +90,12 @@ def main(argv: list | None = None):
         leave(f"error: {error}", 2)
     except RunStopped as stopped:
         leave(str(stopped), stopped.code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during the final report: no step, save or barrier more
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped at once by Ctrl-C; what was saved before it stays (checkpoints, final weights)",
+                  file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # not the interpreter's exit: a peer may be mid-collective, and gloo would abort this rank
 
 
 if __name__ == "__main__":

@@ -277,6 +277,7 @@ class Run:
         unwrapped = self.accelerator.unwrap_model(self.trainer.model, keep_torch_compile=False)
         with clock.part("checkpoints"):
             self._save_weights(unwrapped)
+        self.stop.restore()  # from here Ctrl-C stops the final report at once (the weights are saved)
         summary = {"train_seconds": train_seconds}
         with clock.part("final"):
             final = self._final_validation(summary)

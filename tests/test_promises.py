@@ -542,8 +542,37 @@ def test_a_second_sigint_stops_at_once(tmp_path):
     )
     run.process.send_signal(signal.SIGINT)
     status = run.finish(timeout=60)
-    assert status in (130, -signal.SIGINT), run.stderr
+    assert status == 130, run.stderr
+    assert run.stderr.rstrip().splitlines()[-1] == STOPPED_AT_ONCE and "Traceback" not in run.stderr
     assert not complete_checkpoints(folder) and "stopped by SIGINT" not in run.stderr
+
+
+STOPPED_AT_ONCE = "stopped at once by Ctrl-C; what was saved before it stays (checkpoints, final weights)"
+PAUSED_REPORT = """\
+import sys, time
+from alexnet_dist import run
+from alexnet_dist.cli import main
+
+def paused(self, summary):
+    print("the final report begins", flush=True)
+    time.sleep(600)
+
+run.Run._final_validation = paused
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_during_the_final_report_stops_the_run_at_once(tmp_path):
+    """The final report (every test-time mode, test, dashboard) can take minutes on a CPU: Ctrl-C ends it, with
+    the final weights already saved."""
+    script = tmp_path / "paused_report.py"
+    script.write_text(PAUSED_REPORT)
+    run = launch(QUICK + ["--save", "model.pth"], tmp_path, script=script)
+    run.wait_for(lambda: "the final report begins" in run.stdout, "the final report")
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish(timeout=60) == 130, run.stderr
+    assert run.stderr.rstrip().splitlines()[-1] == STOPPED_AT_ONCE and "Traceback" not in run.stderr
+    assert (tmp_path / "model.pth").is_file()
 
 
 def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
