@@ -15,6 +15,7 @@ import torch
 from .config import UsageError
 from .files import atomic_write
 from .model import architecture
+from .runtime import stop_together
 
 WEIGHTS_FORMAT = "alexnet-dist weights 1"
 
@@ -121,16 +122,28 @@ class Checkpoints:
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary), safe_serialization=False)
-        if accelerator.is_main_process:
-            (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():
-                _remove(final)
-            os.replace(temporary, final)
-            self.prune()
-        accelerator.wait_for_everyone()
+
+        def write():  # every rank its RNG state; the main process the model, optimizer and trainer state
+            accelerator.save_state(str(temporary), safe_serialization=False)
+            if accelerator.is_main_process:
+                (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+        def publish():
+            if accelerator.is_main_process:
+                if final.exists():
+                    _remove(final)
+                os.replace(temporary, final)
+                self.prune()
+
+        for action in (write, publish):  # each ends in an agreement: a rank that failed (a full disk) stops all
+            try:
+                action()
+                error = None
+            except Exception as failure:
+                error = (f"could not save the checkpoint {final} ({type(failure).__name__}: {failure}); the run "
+                         f"stopped; its complete checkpoints are in {self.folder}: free space and continue with "
+                         "--resume latest")
+            stop_together(accelerator, error, code=1)
         return final
 
     def prune(self):

@@ -22,7 +22,7 @@ from .clock import clock
 from .engine import TTA_VIEWS, Evaluator, accuracy, per_class_accuracy
 from .loaders import check_readable
 from .resume import restore, resume_command, truncate_metrics
-from .runtime import RunStopped, StopSignals, breakdown, device_name
+from .runtime import RunStopped, StopSignals, breakdown, device_name, stop_together
 from .tracking import Tracker
 
 
@@ -321,15 +321,22 @@ class Run:
         return final
 
     def _save_weights(self, unwrapped):
-        save_path, main = self.plan.save_path, self.accelerator.is_main_process
-        if main:
-            save_weights(save_path, unwrapped, self.config, self.data.classes)
-        self.print(f"saved the final weights to {save_path}")
+        """The final weights (and the average's), by the main process; if that fails, every rank stops."""
+        save_path = self.plan.save_path
+        files = [(save_path, unwrapped, "final")]
         if self.trainer.average is not None:
-            average_path = save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}")
-            if main:
-                save_weights(average_path, self.trainer.average.module, self.config, self.data.classes)
-            self.print(f"saved the averaged weights to {average_path}")
+            files.append((save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}"), self.trainer.average.module,
+                          "averaged"))
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                for path, model, _ in files:
+                    save_weights(path, model, self.config, self.data.classes)
+            except Exception as failure:
+                error = f"could not write the weights {path} ({type(failure).__name__}: {failure}); the run stopped"
+        stop_together(self.accelerator, error, code=1)
+        for path, _, which in files:
+            self.print(f"saved the {which} weights to {path}")
 
     def _test(self, summary: dict) -> tuple:
         """Test accuracy (and of the average) in the chosen test-time mode: (loader, the model's confusion matrix)."""

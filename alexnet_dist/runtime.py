@@ -142,13 +142,14 @@ def agreed(state, on_main, on_every_rank):
     return result
 
 
-def stop_together(accelerator: Accelerator, error: str | None):
-    """In-run agreement: if any rank has an error message, every rank raises the first one."""
+def stop_together(accelerator: Accelerator, error: str | None, code: int = 2):
+    """In-run agreement (a collective): if any rank has an error message, every rank raises the first one, as a
+    UsageError (exit status 2: bad input) or, for a failure of the run itself, RunStopped with `code`."""
     if accelerator.num_processes > 1:
         errors = [message for message in gather_object([error]) if message]
         error = errors[0] if errors else None
     if error:
-        raise UsageError(error)
+        raise UsageError(error) if code == 2 else RunStopped(error, code)
 
 
 class RunStopped(Exception):

@@ -110,12 +110,44 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_ranks(args, cwd, processes: int = 2) -> list:
+def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
     """Each rank as its own process (the environment torchrun would set), so that each one's status is seen."""
     port = free_port()
     return [launch(args, cwd, cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                   script=script)
             for rank in range(processes)]
+
+
+FULL_DISK = """\
+import errno, os, pathlib, sys
+from alexnet_dist.cli import main
+
+write_text = pathlib.Path.write_text
+
+def full_disk(path, *args, **kwargs):  # the main process's own part of a checkpoint
+    if path.name == "trainer_state.json":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return write_text(path, *args, **kwargs)
+
+pathlib.Path.write_text = full_disk
+main(sys.argv[1:])
+"""
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_every_rank_with_one_line(tmp_path):
+    """A full disk on the main process's part of a save: both ranks stop at once (not at the collective timeout),
+    with status 1 and one line from the main process; no checkpoint is published."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    ranks = launch_ranks(QUICK + ["--run_dir", "run"], tmp_path, script=script)
+    codes = [rank.finish(timeout=120) for rank in ranks]
+    assert codes == [1, 1], [rank.stderr for rank in ranks]
+    line = ranks[0].stderr.rstrip().splitlines()[-1]
+    assert line.startswith("could not save the checkpoint run/checkpoints/step-0000005 (OSError: [Errno 28] No space")
+    assert "--resume latest" in line and "Traceback" not in ranks[0].stderr + ranks[1].stderr
+    assert "could not save" not in ranks[1].stderr  # only the main process prints
+    assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
 
 
 EXIT_RECORDER = """\
