@@ -73,7 +73,7 @@ def preflight(cfg: Config, state) -> Plan:
                     stamp=decision.stamp, run_dir=decision.run_dir, save_path=decision.save_path,
                     resume_from=decision.resume_from, state=decision.state)
 
-    return agreed(state, lambda: decide(cfg, state, precision), on_every_rank)
+    return agreed(state, lambda: decide(cfg, state, precision), on_every_rank, undo=release)
 
 
 def decide(cfg: Config, state, precision: str) -> tuple:
@@ -119,25 +119,42 @@ def training_paths(cfg: Config, data: Data) -> dict:
     """The checkpoint to resume (checked against this run), the run folder and the weights path."""
     resume_from, state = choose(cfg, data) if cfg.resume else (None, None)
     stamp = state["stamp"] if state else time.strftime("%Y%m%d-%H%M%S")
-    run_dir = resume_from.parent.parent if state else new_run_dir(cfg, stamp)
     save_path = Path(cfg.save.format(time=stamp))
     check_writable("--save", save_path)
+    run_dir = resume_from.parent.parent if state else new_run_dir(cfg, stamp)  # the last check: it creates the folder
     return {"stamp": stamp, "run_dir": run_dir, "save_path": save_path, "resume_from": resume_from, "state": state}
 
 
 def new_run_dir(cfg: Config, stamp: str) -> Path:
+    """The new run's folder, created here (an atomic claim: two runs started in the same second get two folders);
+    `release` removes it if another rank then refuses the run."""
     if cfg.run_dir is not None:
-        if Path(cfg.run_dir).exists():
+        try:
+            Path(cfg.run_dir).mkdir(parents=True)
+        except FileExistsError:
             raise UsageError(
                 f"--run_dir {cfg.run_dir} already exists: pick a new folder, or continue it with --resume latest"
-            )
+            ) from None
         return Path(cfg.run_dir)
     base = Path("runs") / f"{stamp}_{cfg.run_name or 'alexnet'}"
     candidate, number = base, 1
-    while candidate.exists():
-        number += 1
-        candidate = base.with_name(f"{base.name}-{number}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = base.with_name(f"{base.name}-{number}")
+
+
+def release(decision: Decision):
+    """Undo the main process's claim of a new run folder (and of runs/, if that is left empty)."""
+    if decision.run_dir is not None and decision.state is None:
+        for folder in (decision.run_dir, decision.run_dir.parent):
+            try:
+                folder.rmdir()  # only ever an empty folder
+            except OSError:
+                break
 
 
 def with_weights_settings(cfg: Config, weights: dict) -> Config:

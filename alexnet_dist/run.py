@@ -50,8 +50,7 @@ class Run:
         self.best, self.start_epoch, self.start_step = None, 0, 0
         if plan.state:
             self._resume()
-        elif accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True)
+        elif accelerator.is_main_process:  # the preflight created the folder
             (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         self.tracker = Tracker(accelerator, self.cfg, self.run_dir, {
             **self.config, "num_processes": accelerator.num_processes, "precision": accelerator.mixed_precision,

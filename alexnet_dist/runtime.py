@@ -120,11 +120,12 @@ def _attempt(action, ranks: int):
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def agreed(state, on_main, on_every_rank):
+def agreed(state, on_main, on_every_rank, undo=None):
     """The one cross-rank agreement before a run. `on_main()` runs on the main process first (downloads, caches,
     choices of paths) and returns (what every rank gets: small and picklable, what only the main process keeps);
     the first goes to every rank, then `on_every_rank(shared, kept)` runs everywhere (`kept` None but on the main
-    process). A UsageError on any rank is raised on every rank, so that all of them stop together.
+    process). A UsageError on any rank is raised on every rank, so that all of them stop together; `undo(shared)`
+    then takes back on the main process what `on_main` created.
 
     Not `main_process_first()`: there the other ranks wait in a barrier while the main process works, and if it
     raises they stay in that barrier until the collective times out; here they wait in a broadcast
@@ -138,7 +139,12 @@ def agreed(state, on_main, on_every_rank):
     if error:
         raise UsageError(error)
     result, error = _attempt(lambda: on_every_rank(shared, kept), state.num_processes)
-    stop_together(state, error)
+    try:
+        stop_together(state, error)
+    except UsageError:
+        if undo is not None and state.is_main_process:
+            undo(shared)  # what on_main created, now that another rank refuses the run
+        raise
     return result
 
 

@@ -652,3 +652,15 @@ def test_a_resumed_wandb_run_keeps_its_id_offline(tmp_path):
     offline = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline), (run_id, offline)
     assert f"wandb sync {offline[-1]}" in resumed.stdout
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders():
+    """The preflight claims the run folder with an atomic mkdir, so a second run with the same start time (and
+    name) takes the next free one instead of sharing it."""
+    from alexnet_dist.cli import parse_flags
+    from alexnet_dist.preflight import new_run_dir
+
+    cfg = parse_flags(QUICK)
+    first, second = new_run_dir(cfg, "20261130-120000"), new_run_dir(cfg, "20261130-120000")
+    assert first.is_dir() and second.is_dir()
+    assert (first.name, second.name) == ("20261130-120000_alexnet", "20261130-120000_alexnet-2")
