@@ -181,8 +181,14 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
     """SIGKILL right after a checkpoint appears, and in the middle of writing one (held open by a launch script
-    that delays its rename); every resume finds a valid checkpoint and the run ends as an uninterrupted one."""
-    flags = KAIMING + ["--num_epochs", "3", "--run_dir", "run", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
+    that delays its rename); every resume finds a valid checkpoint and the run ends as an uninterrupted one,
+    bit for bit. The checkpoints fall mid-epoch (--checkpoint_steps 1) and the schedule is the default
+    warm-up then linear decay, so a resume that restarted the epoch's data or the schedule would end elsewhere."""
+    default_schedule = [value if value != "plateau" else "warmup_linear" for value in KAIMING]
+    flags = default_schedule + ["--num_epochs", "3", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
+    straight = run_cli(flags + ["--run_dir", "straight", "--save", "straight.pth"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    flags += ["--run_dir", "run", "--save", "killed.pth"]
     folder = tmp_path / "run" / "checkpoints"
     last_step = 0
     for trial in range(10):
@@ -207,6 +213,7 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
     finished = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert read_state(complete_checkpoints(folder)[-1])["global_step"] == 15  # 3 epochs x 5 steps, as uninterrupted
+    assert identical(weights(tmp_path / "straight.pth"), weights(tmp_path / "killed.pth"))
     rows = metric_rows(tmp_path / "run")
     assert [row["step"] for row in rows if "Accuracy/Train" in row] == [5, 10, 15]  # each epoch once
     assert [row["step"] for row in rows if "train_seconds" in row] == [15]

@@ -235,6 +235,51 @@ def test_predictions_match_the_evaluation_of_the_same_images(tmp_path):
     )
 
 
+def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_trained_with(tmp_path):
+    """Weights trained with another resize, crop, mean and std, evaluated and used for predictions without those
+    flags: both follow the weights file, as a preprocessing written out here by hand does."""
+    preprocessing = {"resize": (72, 72), "random_crop": (66, 66), "mean": (0.3, 0.4, 0.5), "std": (0.2, 0.25, 0.3)}
+    flags = [f"--{name}={','.join(map(str, value))}" for name, value in preprocessing.items()]
+    trained = run_cli(
+        QUICK + flags + ["--init", "kaiming", "--num_epochs", "2", "--mixed_precision", "no", "--save", "model.pth"],
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    _, test, classes = fake()
+    for index in range(40):
+        for split in ("train", "test"):
+            folder = tmp_path / "images" / split / classes[int(test.labels[index])]
+            folder.mkdir(parents=True, exist_ok=True)
+            write_png(test.images[index], str(folder / f"{index:02d}.png"))
+    # by hand: resize 72 (bilinear, antialiased, rounded to uint8), the centre 66 x 66, (x / 255 - mean) / std
+    from alexnet_dist.model import alexnet
+
+    model = alexnet(num_classes=len(classes), dropout=0.0)
+    model.load_state_dict(torch.load(tmp_path / "model.pth")["state_dict"])
+    resized = (
+        torch.nn.functional.interpolate(test.images[:40].float(), size=(72, 72), mode="bilinear", antialias=True)
+        .round()
+        .clamp(0, 255)
+    )
+    mean, std = (torch.tensor(preprocessing[name]).view(1, 3, 1, 1) for name in ("mean", "std"))
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()((resized[:, :, 3:69, 3:69] / 255 - mean) / std), dim=1)
+    plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", "none"]
+    prediction = run_cli(
+        ["--predict", "images/test", "--predict_json", "p.json", "--top_k", "10", *plain], cwd=tmp_path
+    )
+    assert prediction.returncode == 0, prediction.stderr
+    predicted = sorted(json.loads((tmp_path / "p.json").read_text()), key=lambda p: Path(p["file"]).name)
+    for index, entry in enumerate(predicted):
+        probabilities = {top["class"]: top["probability"] for top in entry["top"]}
+        hand = dict(zip(classes, expected[int(Path(entry["file"]).stem)].tolist()))
+        assert probabilities == pytest.approx(hand, abs=1e-4), entry["file"]
+    correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
+    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain], cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert f"({correct}/40 images)" in evaluation.stdout, evaluation.stdout
+
+
 def test_predictions_refuse_weights_of_another_network(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     (tmp_path / "a.png").write_bytes(b"")
