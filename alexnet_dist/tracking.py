@@ -25,6 +25,11 @@ def wandb_credentials() -> bool:
         return False
 
 
+def wandb_mode() -> str:
+    """WANDB_MODE if set; else online with credentials, offline without (never a login prompt)."""
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
+
+
 def check_logger(logger: str):
     """Fail before anything is written when the chosen tracker's package is missing."""
     packages = {
@@ -51,8 +56,7 @@ class Tracker:
         self.main, self.drawn_at = accelerator.is_main_process, time.perf_counter()
         init_kwargs = {}
         if cfg.logger == "wandb" and self.main:
-            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
-            os.environ["WANDB_MODE"] = mode  # decided here, so wandb never stops to ask for a login
+            os.environ["WANDB_MODE"] = wandb_mode()  # decided here, so wandb never stops to ask for a login
             init_kwargs["wandb"] = {"name": cfg.run_name or self.run_dir.name, "tags": list(cfg.tags)}
             ids = self.run_dir / "tracker.json"
             if resume and ids.is_file():  # a resumed run continues its W&B run, on the same step axis

@@ -133,3 +133,41 @@ def test_shipped_recipes_set_what_they_say(name):
     cfg = parse_flags(["--recipe", str(path)])
     assert {key: getattr(cfg, key) for key in SHIPPED_RECIPES[name]} == SHIPPED_RECIPES[name]
     assert parse_flags(["--recipe", str(path), "--lr", "0.3"]).lr == 0.3  # a flag still wins over the recipe
+
+
+def test_a_resume_under_a_warm_up_schedule_refuses_another_num_epochs():
+    """warmup_* schedules decay towards the last epoch, so num_epochs changes what is learned there (not under
+    plateau or constant)."""
+    from alexnet_dist.config import Config, learning_changes
+
+    saved = Config.from_flags({"logger": "none", "num_epochs": 3}).to_dict()
+    assert learning_changes(saved, Config.from_flags({"logger": "none", "num_epochs": 5})) == ["num_epochs: 3 -> 5"]
+    plateau = Config.from_flags({"logger": "none", "num_epochs": 3, "schedule": "plateau"}).to_dict()
+    assert (
+        learning_changes(plateau, Config.from_flags({"logger": "none", "num_epochs": 5, "schedule": "plateau"})) == []
+    )
+
+
+@pytest.mark.parametrize(
+    "environment,netrc,mode",
+    [
+        ({}, None, "offline"),
+        ({"WANDB_API_KEY": "k" * 40}, None, "online"),
+        ({}, "machine api.wandb.ai\n  login user\n  password secret\n", "online"),
+        ({}, "machine other.host\n  login user\n  password secret\n", "offline"),
+        ({"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, None, "offline"),  # WANDB_MODE wins
+        ({"WANDB_MODE": "online"}, None, "online"),
+    ],
+)
+def test_wandb_runs_online_with_credentials_offline_without_and_wandb_mode_wins(
+    environment, netrc, mode, monkeypatch, tmp_path
+):
+    from alexnet_dist.tracking import wandb_mode
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "netrc").write_text(netrc or "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert wandb_mode() == mode
