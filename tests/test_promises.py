@@ -332,8 +332,10 @@ def test_accelerate_config_file_runs_and_an_explicit_precision_flag_wins(tmp_pat
     assert "mixed_precision: 'no'" in shipped
     bf16 = tmp_path / "cpu_bf16.yaml"
     bf16.write_text(shipped.replace("mixed_precision: 'no'", "mixed_precision: bf16"))
-    for config, flag in ((ROOT / "configs" / "cpu.yaml", "bf16"), (bf16, "no")):  # the flag says the opposite
-        result = accelerate_launch(config, QUICK + ["--mixed_precision", flag], tmp_path)
+    # the flag says the opposite of the config, or (None) the config's bf16 applies
+    for config, flag in ((ROOT / "configs" / "cpu.yaml", "bf16"), (bf16, "no"), (bf16, None)):
+        result = accelerate_launch(config, QUICK + (["--mixed_precision", flag] if flag else []), tmp_path)
+        flag = flag or "bf16"
         assert result.returncode == 0, result.stderr
         line = next(line for line in result.stdout.splitlines() if line.startswith("global batch"))
         assert "= 1 process(es)" in line and f"precision {flag};" in line, (config.name, line)
