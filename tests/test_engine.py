@@ -171,3 +171,19 @@ def test_wandb_runs_online_with_credentials_offline_without_and_wandb_mode_wins(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert wandb_mode() == mode
+
+
+@pytest.mark.parametrize("flags,native", [("fpu sse2 avx512f avx512_bf16 avx512_vnni", True),
+                                          ("fpu sse2 avx512f amx_bf16 amx_tile", True),
+                                          ("fpu sse2 avx2 avx512f avx512_vnni", False)])
+def test_auto_precision_is_bf16_on_cpus_that_multiply_it_natively(flags, native, tmp_path, monkeypatch):
+    from alexnet_dist import runtime
+
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert runtime.cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is native
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert runtime.resolve_precision("auto", on_cpu=True) == ("bf16" if native else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a config file's choice, also on another CPU
+    assert runtime.resolve_precision("auto", on_cpu=True) == "bf16"
+    assert runtime.resolve_precision("no", on_cpu=True) == "no"  # the flag wins

@@ -1,6 +1,7 @@
 """Checkpoints, resume, clean stops and kills, through the real entry point on generated data."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,17 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
     rows = metric_rows(tmp_path / "run")
     assert [row["step"] for row in rows if "Accuracy/Train" in row] == [5, 10, 15]  # each epoch once
     assert [row["step"] for row in rows if "train_seconds" in row] == [15]
+
+
+def test_skip_nonfinite_through_the_cli_finishes_and_counts_what_it_skipped(tmp_path):
+    """lr 1e6 makes every loss non-finite after the first steps: with --skip_nonfinite the run still ends (status 0),
+    its weights are finite (no bad step was applied), and the epochs say how many micro-batches were skipped."""
+    result = run_cli(KAIMING + ["--num_epochs", "2", "--lr", "1e6", "--skip_nonfinite", "--save", "model.pth"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    skipped = [int(n) for n in re.findall(r"(\d+) non-finite losses skipped so far", result.stdout)]
+    assert skipped and skipped[-1] > 0 and skipped == sorted(skipped)
+    assert all(torch.isfinite(tensor).all() for tensor in weights(tmp_path / "model.pth").values())
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
