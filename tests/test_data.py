@@ -1,3 +1,4 @@
+import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,9 +163,27 @@ def test_folder_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_module, "_decode_all", no_decoding)
     assert torch.equal(load_data(folder_config(tmp_path), CPU, writer=True).train.images, first)
-    write_folder(tmp_path, "train", per_class=4)  # a new file changes the key
-    with pytest.raises(AssertionError, match="decoded again"):
-        load_data(folder_config(tmp_path), CPU, writer=True)
+
+    def decodes_again(config) -> bool:
+        try:
+            load_data(config, CPU, writer=True)
+        except AssertionError:
+            return True
+        return False
+
+    image = sorted((tmp_path / "train").rglob("*.*"))[0]
+    stat = image.stat()
+    assert decodes_again(folder_config(tmp_path, resize=72))  # another resize
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the same bytes, touched
+    assert decodes_again(folder_config(tmp_path))
+    image.write_bytes(image.read_bytes() + b"\0")  # another size, with the old modification time put back
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert decodes_again(folder_config(tmp_path))
+    image.write_bytes(image.read_bytes()[:-1])  # as it was: the cache is valid again
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not decodes_again(folder_config(tmp_path))
+    write_folder(tmp_path, "train", per_class=4)  # new files change the key
+    assert decodes_again(folder_config(tmp_path))
 
 
 def test_folder_errors_name_the_problem(tmp_path):
