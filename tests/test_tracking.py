@@ -262,22 +262,26 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         .clamp(0, 255)
     )
     mean, std = (torch.tensor(preprocessing[name]).view(1, 3, 1, 1) for name in ("mean", "std"))
+    # the test-time views of the 66 x 66 crop: the centre, then (ten) the four corners, each with its mirror
+    crops = [resized[:, :, top : top + 66, left : left + 66] for top, left in ((3, 3), (0, 0), (0, 6), (6, 0), (6, 6))]
+    views = [view for crop in crops for view in (crop, crop.flip(-1))]
     with torch.no_grad():
-        expected = torch.softmax(model.eval()((resized[:, :, 3:69, 3:69] / 255 - mean) / std), dim=1)
-    plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", "none"]
-    prediction = run_cli(
-        ["--predict", "images/test", "--predict_json", "p.json", "--top_k", "10", *plain], cwd=tmp_path
-    )
-    assert prediction.returncode == 0, prediction.stderr
-    predicted = sorted(json.loads((tmp_path / "p.json").read_text()), key=lambda p: Path(p["file"]).name)
-    for index, entry in enumerate(predicted):
-        probabilities = {top["class"]: top["probability"] for top in entry["top"]}
-        hand = dict(zip(classes, expected[int(Path(entry["file"]).stem)].tolist()))
-        assert probabilities == pytest.approx(hand, abs=1e-4), entry["file"]
-    correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
-    evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain], cwd=tmp_path)
-    assert evaluation.returncode == 0, evaluation.stderr
-    assert f"({correct}/40 images)" in evaluation.stdout, evaluation.stdout
+        probabilities = [torch.softmax(model.eval()((view / 255 - mean) / std), dim=1) for view in views]
+    for tta, used in (("none", 1), ("ten", 10)):
+        expected = sum(probabilities[:used]) / used
+        plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", tta]
+        prediction = run_cli(
+            ["--predict", "images/test", "--predict_json", f"{tta}.json", "--top_k", "10", *plain], cwd=tmp_path
+        )
+        assert prediction.returncode == 0, prediction.stderr
+        for entry in json.loads((tmp_path / f"{tta}.json").read_text()):
+            predicted = {top["class"]: top["probability"] for top in entry["top"]}
+            hand = dict(zip(classes, expected[int(Path(entry["file"]).stem)].tolist()))
+            assert predicted == pytest.approx(hand, abs=1e-4), (tta, entry["file"])
+        correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
+        evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain], cwd=tmp_path)
+        assert evaluation.returncode == 0, evaluation.stderr
+        assert f"test (tta {tta}) accuracy {100 * correct / 40:.2f}% ({correct}/40 images)" in evaluation.stdout
 
 
 def test_predictions_refuse_weights_of_another_network(tmp_path):
