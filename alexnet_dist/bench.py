@@ -64,6 +64,11 @@ def spread(values: list) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def ratio(values: list) -> dict:
+    """A ratio's windows: their spread, and whether they all fall on one side of 1."""
+    return {**spread(values), "conclusive": min(values) > 1 or max(values) < 1}
+
+
 class SeedCifar(Dataset):
     """What torchvision's CIFAR10 does per image: a PIL image from the uint8 array, then the transform."""
 
@@ -200,10 +205,7 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         "windows": windows,
         "flags": flags,
         **{f"{name}_images_per_s": spread(values) for name, values in rates.items()},
-        **{
-            name: {**spread(values), "conclusive": min(values) > 1 or max(values) < 1}
-            for name, values in ratios.items()
-        },
+        **{name: ratio(values) for name, values in ratios.items()},
         "cifar10_training_images": train_images,
         "seconds_25_epochs": 25 * train_images / statistics.median(rates["default"]),
         "time": times,
