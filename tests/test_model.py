@@ -110,3 +110,21 @@ def test_training_with_dropout_keeps_one_mask_per_repeated_copy():
     torch.manual_seed(1)
     features = torch.flatten(model.avgpool(model.features(images)), 1)
     assert torch.allclose(full, model.classifier(features), rtol=1e-4, atol=1e-6)
+
+
+def test_the_shortcut_serves_every_crop_up_to_94_pixels_and_no_larger(monkeypatch):
+    """By hand: a 94-pixel side gives 22 -> 10 (pool) -> 10 -> 4 (pool) -> 4 -> 1 (pool), so conv5 leaves 1x1;
+    95 gives 23 -> 11 -> 11 -> 5 -> 5 -> 2. Evaluation folds the first linear layer exactly where the map is 1x1."""
+    torch.manual_seed(0)
+    model = alexnet().eval()
+    calls = []
+    shortcut = model._classify_single_position
+    monkeypatch.setattr(model, "_classify_single_position", lambda x: calls.append(x.shape) or shortcut(x))
+    for side, folded in ((63, True), (94, True), (95, False)):
+        images = torch.randn(2, 3, side, side)
+        calls.clear()
+        with torch.no_grad():
+            output = model(images)
+            reference = model.classifier(torch.flatten(model.avgpool(model.features(images)), 1))
+        assert bool(calls) == folded, side
+        assert torch.allclose(output, reference, rtol=1e-4, atol=1e-6), side
