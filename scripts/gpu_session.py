@@ -17,8 +17,11 @@ run 10 minutes).
 On a lent machine: copy ../shared/wheels/*.whl and ../shared/data/cifar10-jpeg-train.tar.gz into
 .carry/ (ignored through .git/info/exclude), then run with carry [".carry"]:
 
-    bash scripts/gpu_session.sh smoke     # at most 5 minutes (--budget 300); then, as a second command:
-    bash scripts/gpu_session.sh sweep     # at most 7.5 minutes (--budget 450): 15 device minutes hold both
+    bash scripts/gpu_session.sh smoke     # at most 4.5 minutes (--budget 270); then, as a second command:
+    bash scripts/gpu_session.sh sweep     # at most 6.5 minutes (--budget 390)
+
+15 device minutes hold both: 270 + 390 s of script, the machine's start (1-2 minutes, once), and each
+command's wheel install and unpacking (under 40 s each) come to about 14.5 minutes at most.
 """
 
 import contextlib
@@ -45,7 +48,7 @@ LOG_TAIL = 200_000  # characters of each log kept in the archive
 class Session:
     """Stages with time limits, a summary rewritten after each one, one archive at the end."""
 
-    def __init__(self, out, work="/tmp/gpu_session", budget=300.0, rehearse=False, data_dir="data/cifar10-jpeg",
+    def __init__(self, out, work="/tmp/gpu_session", budget=270.0, rehearse=False, data_dir="data/cifar10-jpeg",
                  run_timeout=None, parallel=4):
         self.started = time.perf_counter()
         self.out, self.work, self.budget, self.rehearse = Path(out), Path(work), float(budget), rehearse
@@ -93,7 +96,10 @@ class Session:
                 code, status = process.wait(timeout=limit), None
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                code, status = process.wait(), "timeout"
+                try:  # even the wait after a kill is bounded (a process stuck in the driver may not die at once)
+                    code, status = process.wait(timeout=10), "timeout"
+                except subprocess.TimeoutExpired:
+                    code, status = None, "timeout, not yet dead after SIGKILL"
         seconds = time.perf_counter() - started
         status = status or ("ok" if code == 0 else "failed")
         return {"name": name, "command": " ".join(map(str, argv)), "status": status, "returncode": code,
@@ -106,6 +112,7 @@ class Session:
             stage["log_tail"] = Path(log_path).read_text(errors="replace")[-1500:]
         self.summary["stages"].append(stage)
         self.write_summary()
+        self.write_archive()  # after every stage: a kill later still leaves this stage's files
         figures = {k: v for k, v in stage.items() if k not in ("name", "command", "log_tail", "status", "flags")}
         self.log(f"{stage['name']}: {stage['status']} {json.dumps(figures, default=str)[:400]}")
 
@@ -165,42 +172,62 @@ class Session:
             self.finish()
 
     def finish(self):
-        """The archive, once, in the main thread, at a low compression level; then the final summary."""
-        archive = self.out / "results.tar.gz"
-        with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        """The archive and the final summary."""
+        self.write_archive()
+        self.summary["out_contract"] = out_contract(self.out)
+        self.summary["finished"] = True
+        self.write_summary()
+        self.log(f"done: {len(self.summary['stages'])} stages, OUT {self.summary['out_contract']}")
+
+    def write_archive(self):
+        """results.tar.gz, from the main thread at a low compression level, replaced atomically; dropped (the
+        summary says so) when over 15 MiB."""
+        archive, temporary = self.out / "results.tar.gz", self.out / ".results.tar.gz.tmp"
+        with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
             for path in sorted(self.work.rglob("*")):
                 if path.is_file() and path.suffix in (".json", ".jsonl", ".log") and "wandb" not in path.parts:
                     data = path.read_bytes()[-LOG_TAIL:] if path.suffix == ".log" else path.read_bytes()
                     info = tarfile.TarInfo(str(path.relative_to(self.work)))
                     info.size = len(data)
                     tar.addfile(info, fileobj=io.BytesIO(data))
-        if archive.stat().st_size > ARCHIVE_LIMIT:  # never more than can come back: keep the summary alone
-            archive.unlink()
+        if temporary.stat().st_size > ARCHIVE_LIMIT:  # never more than can come back: keep the summary alone
+            temporary.unlink()
+            archive.unlink(missing_ok=True)
             self.summary["archive"] = "dropped: over 15 MiB"
-        self.summary["out_contract"] = out_contract(self.out)
-        self.summary["finished"] = True
-        self.write_summary()
-        self.log(f"done: {len(self.summary['stages'])} stages, OUT {self.summary['out_contract']}")
+        else:
+            os.replace(temporary, archive)
 
 
-def environment() -> dict:
-    info = {"python": sys.version.split()[0]}
+PROBE = """
+import json, sys
+info = {"python": sys.version.split()[0]}
+try:
+    import torch
+    info.update(torch=torch.__version__, cuda=torch.cuda.is_available(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+except Exception as error:
+    info["torch"] = f"not importable: {error}"
+for module in ("accelerate", "fire", "wandb"):
     try:
-        import torch
-
-        info.update(
-            torch=torch.__version__,
-            cuda=torch.cuda.is_available(),
-            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-        )
+        info[module] = __import__(module).__version__
     except Exception as error:
-        info["torch"] = f"not importable: {error}"
-    for module in ("accelerate", "fire", "wandb"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception as error:
-            info[module] = f"not importable: {type(error).__name__}"
-    return info
+        info[module] = f"not importable: {type(error).__name__}"
+print(json.dumps(info))
+"""
+
+
+def environment(timeout: float = 90.0) -> dict:
+    """Versions and the device, probed in a subprocess under a timeout: a CUDA start or an import that hangs
+    must not hang the session."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout)
+        return json.loads(probe.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        failure = f"timed out after {timeout} s"
+        return {"python": sys.version.split()[0], "probe": failure, "wandb": "not importable: probe"}
+    except (ValueError, IndexError):
+        failure = f"failed: {probe.stderr[-300:]}"
+        return {"python": sys.version.split()[0], "probe": failure, "wandb": "not importable: probe"}
 
 
 def run_figures(run_dir: Path, log_path: Path) -> dict:
@@ -317,7 +344,7 @@ SEARCH = [  # each wave varies the best flags so far; a change is kept when it v
 REHEARSAL_SEARCH = [lambda best: [("base", {}), ("pytorch_init", {"init": "pytorch"})]]
 
 
-def sweep(out, rehearse: bool = False, inject: str = "", sweep_until: float = 260.0, budget: float = 450.0, **options):
+def sweep(out, rehearse: bool = False, inject: str = "", sweep_until: float = 230.0, budget: float = 390.0, **options):
     """Greedy waves on validation accuracy until `sweep_until` seconds, then the finals.
 
     `inject` (rehearsal): bad_flag adds a run that fails at once, hang one that sleeps past its timeout.
