@@ -127,18 +127,31 @@ def _stack_or_arrays(items: list):
 
 
 def _decode_all(files, size, num_workers) -> torch.Tensor:
-    """Decode every file; images larger than `size` are shrunk to it in the workers, and if sizes
-    still differ the rest are resized to `size` too, so that they stack."""
+    """Decode every file into one preallocated uint8 tensor, batch by batch (each worker batch is freed once
+    copied); images larger than `size` are shrunk to it in the workers, and once sizes differ every image is
+    resized to `size`, so that they fit one tensor."""
     loader = DataLoader(ImageFiles(files, shrink_to=size), batch_size=256, num_workers=worker_count(num_workers),
                         collate_fn=_stack_or_arrays)
+    images, count = None, 0
     try:
-        images = [torch.as_tensor(image) for batch in loader for image in batch]
+        for batch in loader:
+            for image in batch:
+                image = torch.as_tensor(image)
+                if images is None:
+                    images = torch.empty((len(files), *image.shape), dtype=torch.uint8)
+                if image.shape != images.shape[1:]:
+                    if tuple(images.shape[-2:]) != tuple(size):  # the first other size: all to `size` from now on
+                        resized = torch.empty((len(files), 3, *size), dtype=torch.uint8)
+                        if count:
+                            resized[:count] = resize_images(images[:count], size)
+                        images = resized
+                    image = resize_images(image[None], size)[0]
+                images[count] = image
+                count += 1
     except UnreadableImage as error:  # from a worker it carries the worker's traceback: keep the last line
         message = str(error).strip().splitlines()[-1].removeprefix(f"{__name__}.UnreadableImage: ")
         raise UsageError(f"unreadable image in the data set: {message}") from None
-    if len({tuple(image.shape) for image in images}) > 1:
-        images = [resize_images(image[None], size)[0] for image in images]
-    return torch.stack(images)
+    return images
 
 
 def _cache_key(files, root: Path, size) -> str:
