@@ -55,29 +55,32 @@ def run(cfg: Config):
     log_with = None if cfg.logger == "none" or not plan.cfg.train or plan.cfg.predict else cfg.logger
     accelerator = build_accelerator(plan.cfg, log_with=log_with, project_dir=plan.run_dir)
     if plan.cfg.predict:
-        return predict(plan, accelerator)
-    if not plan.cfg.train:
-        return evaluate_saved(plan, accelerator)
-    trainer = build_trainer(
-        plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch, plan.graphs, plan.weights
-    )
-    with Run(plan, accelerator, trainer) as session:
-        clock.begin("other")  # the start-up ends here
-        train(trainer, session)
-        model = session.finish()  # raises RunStopped after a stop signal or a non-finite loss
+        result = predict(plan, accelerator)
+    elif not plan.cfg.train:
+        result = evaluate_saved(plan, accelerator)
+    else:
+        trainer = build_trainer(
+            plan.cfg, accelerator, plan.data.train, len(plan.data.classes), plan.micro_batch, plan.graphs, plan.weights
+        )
+        with Run(plan, accelerator, trainer) as session:
+            clock.begin("other")  # the start-up ends here
+            train(trainer, session)
+            result = session.finish()  # raises RunStopped after a stop signal or a non-finite loss
     accelerator.end_training()  # the trackers' last writes; the process group goes down on every rank
-    return model
+    return result
 
 
-def leave(message: str, code: int):
-    """Exit with `code` after an error every rank agreed on. The process group is taken down here, on every rank
-    after one barrier, not by the interpreter at exit: there gloo's threads outlive their owner and a rank that
-    exits while its peer still holds a connection dies of SIGABRT ("terminate called without an active exception")
-    instead of exiting with `code`."""
+def leave(message: str, code: int, agreed: bool):
+    """Exit with `code`. The process group is taken down here, not by the interpreter at exit: there gloo's threads
+    outlive their owner, and a rank that exits while its peer still holds a connection dies of SIGABRT
+    ("terminate called without an active exception") instead of exiting with `code`. After an error every rank
+    agreed on, they first meet in a barrier; after one raised by this rank alone, the others learn of it at their
+    next collective (the connection is gone) instead of waiting for ever."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank has left its last collective
+        if agreed:
+            torch.distributed.barrier()  # every rank has left its last collective
         torch.distributed.destroy_process_group()
     sys.exit(code)
 
@@ -87,9 +90,9 @@ def main(argv: list | None = None):
     try:
         run(parse_flags(argv))
     except UsageError as error:
-        leave(f"error: {error}", 2)
+        leave(f"error: {error}", 2, getattr(error, "agreed", False))
     except RunStopped as stopped:
-        leave(str(stopped), stopped.code)
+        leave(str(stopped), stopped.code, stopped.agreed)
     except KeyboardInterrupt:  # a second Ctrl-C, or one during the final report: no step, save or barrier more
         if os.environ.get("RANK", "0") == "0":
             print("stopped at once by Ctrl-C; what was saved before it stays (checkpoints, final weights)",

@@ -1,4 +1,4 @@
-"""Training and evaluation loops on an Accelerator.
+"""Optimizer, schedules, evaluation, the weights' moving average, and the on-device training meter.
 
 One optimizer step = grad_accum_steps micro-batches on each of num_processes ranks, inside
 `accelerator.accumulate()`; the learning-rate schedule advances once per optimizer step.

@@ -17,6 +17,7 @@ from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
 from .engine import view_probabilities
 from .files import write_text
+from .runtime import stop_together
 from .training import build_model
 from .transforms import Augmentation
 
@@ -64,10 +65,13 @@ def predict(plan, accelerator) -> list:
             top = [{"class": classes[i], "probability": round(p, 6)} for p, i in zip(row_values, row_indices)]
             predictions.append({"file": str(path), "top": top})
             accelerator.print(f"{path}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in top))
-    if cfg.predict_json and accelerator.is_main_process:
-        try:
-            write_text(cfg.predict_json, json.dumps(predictions, indent=1) + "\n")
-        except OSError as error:
-            raise UsageError(f"--predict_json {cfg.predict_json} cannot be written ({error.strerror})") from None
+    if cfg.predict_json:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                write_text(cfg.predict_json, json.dumps(predictions, indent=1) + "\n")
+            except OSError as failure:
+                error = f"--predict_json {cfg.predict_json} cannot be written ({failure.strerror})"
+        stop_together(accelerator, error)  # every rank stops with the main process, not in a later collective
         accelerator.print(f"wrote {len(predictions)} predictions to {cfg.predict_json}")
     return predictions

@@ -148,9 +148,10 @@ def new_run_dir(cfg: Config, stamp: str) -> Path:
 
 
 def release(decision: Decision):
-    """Undo the main process's claim of a new run folder (and of runs/, if that is left empty)."""
+    """Undo the main process's claim of a new run folder (and of the default runs/, if that is left empty)."""
     if decision.run_dir is not None and decision.state is None:
-        for folder in (decision.run_dir, decision.run_dir.parent):
+        folders = [decision.run_dir] + ([decision.run_dir.parent] if decision.cfg.run_dir is None else [])
+        for folder in folders:
             try:
                 folder.rmdir()  # only ever an empty folder
             except OSError:

@@ -15,6 +15,7 @@ import torch
 from .checkpoint import STATE_FILE, complete_checkpoints, read_state
 from .config import UsageError, learning_changes
 from .files import write_text
+from .runtime import stop_together
 
 
 def choose(cfg, data) -> tuple:
@@ -87,13 +88,13 @@ def check_resumable(state: dict, cfg, data, path: Path):
 
 def restore(accelerator, trainer, path: Path, state: dict, cfg):
     """Load the checkpoint into the prepared objects and carry on from its optimizer step; every rank."""
+    error = None
     try:
         accelerator.load_state(str(path))
-    except Exception as error:
-        raise UsageError(
-            f"--resume {path} cannot be loaded ({type(error).__name__}): it is damaged; "
-            f"resume from an older checkpoint in {path.parent}"
-        ) from None
+    except Exception as failure:
+        error = (f"--resume {path} cannot be loaded ({type(failure).__name__}): it is damaged; "
+                 f"resume from an older checkpoint in {path.parent}")
+    stop_together(accelerator, error)  # a file only one rank reads (its RNG state) must stop the others too
     accelerator.step = 0  # checkpoints fall between optimizer steps, whatever the accumulation was then
     apply_optimizer_flags(trainer.optimizer, trainer.scheduler, cfg, state["config"])
     trainer.global_step = state["global_step"]

@@ -64,6 +64,8 @@ class Run:
 
     def __exit__(self, *exception):
         self.stop.restore()
+        if self.bar is not None:
+            self.bar.close()  # after a stop the epoch did not end: the message must not land on the bar's line
         return False
 
     def _resume(self):

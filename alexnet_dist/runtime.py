@@ -137,7 +137,7 @@ def agreed(state, on_main, on_every_rank, undo=None):
     if state.num_processes > 1:
         shared, error = broadcast_object_list([(shared, error)])[0]
     if error:
-        raise UsageError(error)
+        raise agreed_error(error)
     result, error = _attempt(lambda: on_every_rank(shared, kept), state.num_processes)
     try:
         stop_together(state, error)
@@ -155,11 +155,22 @@ def stop_together(accelerator: Accelerator, error: str | None, code: int = 2):
         errors = [message for message in gather_object([error]) if message]
         error = errors[0] if errors else None
     if error:
-        raise UsageError(error) if code == 2 else RunStopped(error, code)
+        raise agreed_error(error, code)
+
+
+def agreed_error(message: str, code: int = 2) -> Exception:
+    """The error every rank raises at the same point: a UsageError (status 2, bad input) or RunStopped with
+    `code`; marked, so that cli.leave may wait for every rank before it takes the process group down."""
+    error = UsageError(message) if code == 2 else RunStopped(message, code)
+    error.agreed = True
+    return error
 
 
 class RunStopped(Exception):
-    """The run ended early on purpose (a signal, a non-finite loss): message for the user, exit status."""
+    """The run ended early on purpose (a signal, a non-finite loss, a failed save): message for the user, exit
+    status. Every rank raises it after the same step (the run's stops are agreed)."""
+
+    agreed = True
 
     def __init__(self, message: str, code: int):
         super().__init__(message)

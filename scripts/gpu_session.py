@@ -184,12 +184,18 @@ class Session:
         summary says so) when over 15 MiB."""
         archive, temporary = self.out / "results.tar.gz", self.out / ".results.tar.gz.tmp"
         with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
-            for path in sorted(self.work.rglob("*")):
-                if path.is_file() and path.suffix in (".json", ".jsonl", ".log") and "wandb" not in path.parts:
+            # os.walk, not rglob: runs still going delete their checkpoints meanwhile, which os.walk skips
+            paths = sorted(Path(folder) / name for folder, _, names in os.walk(self.work) for name in names)
+            for path in paths:
+                if path.suffix not in (".json", ".jsonl", ".log") or {"wandb", "checkpoints"} & set(path.parts):
+                    continue
+                try:
                     data = path.read_bytes()[-LOG_TAIL:] if path.suffix == ".log" else path.read_bytes()
-                    info = tarfile.TarInfo(str(path.relative_to(self.work)))
-                    info.size = len(data)
-                    tar.addfile(info, fileobj=io.BytesIO(data))
+                except OSError:  # gone meanwhile
+                    continue
+                info = tarfile.TarInfo(str(path.relative_to(self.work)))
+                info.size = len(data)
+                tar.addfile(info, fileobj=io.BytesIO(data))
         if temporary.stat().st_size > ARCHIVE_LIMIT:  # never more than can come back: keep the summary alone
             temporary.unlink()
             archive.unlink(missing_ok=True)
