@@ -85,9 +85,8 @@ class Tracker:
             )
 
     def log(self, values: dict, step: int):
-        # one axis, the optimizer step: it is W&B's own step and, as `optimizer_step`, the x-axis every curve is
-        # defined on, the same number twice (a resumed run logs its steps again under the same id, and the
-        # defined axis keeps them on their curves where W&B's internal step alone would refuse steps it has seen)
+        # one axis, the optimizer step: it is W&B's step, and also logged as `optimizer_step`, the x-axis the
+        # curves are defined on (define_metric), so that the charts say what the number is; the same number twice
         self.accelerator.log({**values, "optimizer_step": step} if self._wandb_run() else values, step=step)
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
