@@ -25,6 +25,9 @@ QUICK = [
     "--tta",
     "none",
 ]
+# dropout and random augmentation off (no resize margin either): every launch of the same flags takes the same
+# optimizer steps, so weights can be compared across launches
+NO_RANDOMNESS = ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64"]
 
 
 def cli_env(**extra) -> dict:

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, TRAIN, cli_env
+from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env
 
 from alexnet_dist.checkpoint import read_weights
 
 HELPER = ROOT / "tests" / "rank_weights.py"
-# dropout and random augmentation off: every launch takes the same 5 optimizer steps (fp32)
-SAME_STEPS = QUICK + ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64",
-                      "--init", "kaiming", "--mixed_precision", "no", "--save", "model.pth"]
+# no randomness: every launch takes the same 5 optimizer steps (fp32)
+SAME_STEPS = QUICK + NO_RANDOMNESS + ["--init", "kaiming", "--mixed_precision", "no", "--save", "model.pth"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LIMIT = 240  # seconds for any launch here; a training run takes ~25 s on 2 busy cores
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
+from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
 
@@ -119,17 +119,7 @@ def test_resume_on_two_processes_matches_within_tolerance(tmp_path):
 
 
 def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path):
-    deterministic = KAIMING + [
-        "--dropout",
-        "0",
-        "--flip=False",
-        "--translate",
-        "0",
-        "--resize",
-        "64",
-        "--random_crop",
-        "64",
-    ]
+    deterministic = KAIMING + NO_RANDOMNESS
     straight = run_cli(deterministic + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     for name, processes, extra in [("two", 2, []), ("accumulated", 1, ["--grad_accum_steps", "2"])]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import QUICK, ROOT, run_cli
+from conftest import NO_RANDOMNESS, QUICK, ROOT, run_cli
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
@@ -109,16 +109,7 @@ def test_ddp_comm_hook_is_harmless_on_one_process():
 
 def test_launch_does_not_change_what_is_learned(tmp_path):
     """Dropout and random augmentation off: 1 x 32, 2 x 16 and 1 x 2 accumulation x 16 take the same steps."""
-    flags = QUICK + [
-        "--dropout",
-        "0",
-        "--flip=False",
-        "--translate",
-        "0",
-        "--resize",
-        "64",
-        "--random_crop",
-        "64",
+    flags = QUICK + NO_RANDOMNESS + [
         "--init",
         "kaiming",
         "--mixed_precision",
