@@ -156,18 +156,25 @@ def test_resume_refuses_what_changes_the_training_unless_told(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    flags = KAIMING + ["--num_epochs", "30", "--run_dir", "run", "--log_freq", "1"]
-    process = launch(flags, tmp_path)
+    """SIGTERM once the first epoch's checkpoint exists: a checkpoint of the step under way, status 143, the command
+    that resumes; resumed (to the end of the epoch it was stopped in, so as not to train 28 more), the run ends
+    on that epoch's last step."""
+    flags = KAIMING + ["--run_dir", "run", "--log_freq", "1"]
+    process = launch(flags + ["--num_epochs", "30"], tmp_path)
     wait_for(lambda: complete_checkpoints(tmp_path / "run" / "checkpoints"), process)  # in epoch 2 now
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM after optimizer step" in err and "--resume run/checkpoints/step-" in err
     newest = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert f"--resume {newest.relative_to(tmp_path)}" in err
-    resumed = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
+    stopped_at = read_state(newest)["global_step"]
+    assert stopped_at >= 5  # the signal came once the first epoch's checkpoint was there
+    epochs = stopped_at // 5 + 1  # the epoch under way at the stop (or the next, if it fell on an epoch's end)
+    resumed = run_cli(flags + ["--num_epochs", epochs, "--resume", "latest"], cwd=tmp_path)  # plateau: allowed
     assert resumed.returncode == 0, resumed.stderr
-    assert read_state(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])["global_step"] == 150
+    assert f"resumed from {newest.relative_to(tmp_path)}" in resumed.stdout
+    assert read_state(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])["global_step"] == 5 * epochs
 
 
 def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
@@ -417,6 +424,7 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.xdist_group("trained")  # one worker runs them all: the module's `trained` runs are made once
 @pytest.mark.parametrize("name,prepare,argv,message", CHECKPOINT_CASES, ids=[case[0] for case in CHECKPOINT_CASES])
 def test_bad_checkpoint_and_data_input(name, prepare, argv, message, trained, tmp_path, capsys):
     from alexnet_dist.cli import main
