@@ -20,7 +20,7 @@ train: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=10 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

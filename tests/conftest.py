@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+# one thread per test process, as in every run the tests launch (OMP_NUM_THREADS=1 below): `make test` runs two
+# pytest workers side by side on the two cores
+torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 # a fake-data run of a few optimizer steps: 180 training images, batch 32, the centre crop at test time
