@@ -145,14 +145,20 @@ def test_resume_refuses_what_changes_the_training_unless_told(tmp_path):
     assert refused.stderr.strip().startswith("error: --resume r/checkpoints/step-0000005: these flags change what is")
     assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+    new_optimizer = ["--lr", "0.1", "--momentum", "0.5", "--weight_decay", "0"]  # saved: 0.05, 0.9, 5e-4
     allowed = run_cli(
         KAIMING
-        + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16", "--allow_config_change"],
+        + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16", "--allow_config_change"]
+        + new_optimizer,
         cwd=tmp_path,
     )
     assert allowed.returncode == 0, allowed.stderr
     assert "global batch 16 = 1 process(es)" in allowed.stdout  # the new batch size took effect
-    assert read_state(complete_checkpoints(tmp_path / "r" / "checkpoints")[-1])["config"]["batch_size"] == 16
+    newest = complete_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    assert read_state(newest)["config"]["batch_size"] == 16
+    # and so did the optimizer's: the values it stepped with (plateau: no lr reduction within one epoch)
+    [group] = torch.load(newest / "optimizer.bin", weights_only=False)["param_groups"]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (pytest.approx(0.1), 0.5, 0.0)
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
