@@ -227,6 +227,13 @@ class Config:
         number(float, low=0.0, high=1.0, high_open=True),
         learned=True,
     )
+    first_linear_once: bool = flag(
+        False,
+        "where conv5 leaves a 1x1 map (crops up to 94): the first linear layer once per image in training too, "
+        "with one dropout mask per feature instead of one per pooled copy (faster; a candidate recipe)",
+        _bool,
+        learned=True,
+    )
     seed: int = flag(
         0,
         "seed of the split, the initial weights, the data order and the augmentation",

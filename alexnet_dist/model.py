@@ -14,7 +14,10 @@ Where it differs:
   would repeat 36 times; the first linear layer applied to 36 copies equals that layer with its 36
   positions summed, applied once. Where no dropout acts on those copies (evaluation, or dropout 0)
   `forward` computes it so: the same outputs (up to float rounding) for a 36th of that layer's work.
-  In training, dropout draws a separate mask for each copy, so the full layer runs as in the seed.
+  In training, dropout draws a separate mask for each copy, so the full layer runs as in the seed:
+  the layer sees the average of 36 masks, a weaker dropout than its p says. `first_linear_once=True`
+  computes the layer once in training too, with one mask per feature (a different function, and
+  faster: a candidate recipe, off by default).
 - Local response normalisation is nearly inert at this input scale. The paper's alpha was set for
   activations of raw 0-255 pixels; with inputs normalised to [-1, 1] the term alpha / n * sum(x^2) is
   far below k = 2, so the layer is very nearly the constant scale x / 2^0.75 (at the He
@@ -39,8 +42,10 @@ COLUMN_WIDTHS = {1: (64, 192, 384, 256, 256), 2: (96, 256, 384, 384, 256)}
 
 
 class AlexNet(nn.Module):
-    def __init__(self, num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch"):
+    def __init__(self, num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch",
+                 first_linear_once: bool = False):
         super().__init__()
+        self.first_linear_once = first_linear_once
         if groups not in COLUMN_WIDTHS:
             raise ValueError(f"groups must be 1 or 2, got {groups}")
         c1, c2, c3, c4, c5 = COLUMN_WIDTHS[groups]
@@ -100,22 +105,24 @@ class AlexNet(nn.Module):
                 f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}"
             )
         x = self.features(x)
-        if x.shape[-2:] == (1, 1) and (not self.training or self.classifier[0].p == 0):
+        if x.shape[-2:] == (1, 1) and (self.first_linear_once or not self.training or self.classifier[0].p == 0):
             return self._classify_single_position(torch.flatten(x, 1))
         x = self.avgpool(x)
         return self.classifier(torch.flatten(x, 1))
 
     def _classify_single_position(self, x: torch.Tensor) -> torch.Tensor:
-        _, first, *rest = self.classifier  # the dropout is inactive here
+        dropout, first, *rest = self.classifier  # one mask per feature (inactive in evaluation)
         folded = first.weight.unflatten(1, (x.shape[1], 36)).sum(dim=-1)
-        x = nn.functional.linear(x, folded, first.bias)
+        x = nn.functional.linear(dropout(x), folded, first.bias)
         for layer in rest:
             x = layer(x)
         return x
 
 
-def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch") -> AlexNet:
-    return AlexNet(num_classes=num_classes, groups=groups, dropout=dropout, init=init)
+def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch",
+            first_linear_once: bool = False) -> AlexNet:
+    return AlexNet(num_classes=num_classes, groups=groups, dropout=dropout, init=init,
+                   first_linear_once=first_linear_once)
 
 
 def architecture(model: AlexNet) -> dict:

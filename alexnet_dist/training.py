@@ -52,7 +52,8 @@ def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None)
     """AlexNet with the seed's initial weights (the same on every rank) or `weights`; then each rank's own
     dropout stream (seeded from seed and rank; the data plan has its own generator)."""
     set_seed(cfg.seed)
-    model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init)
+    model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init,
+                    first_linear_once=cfg.first_linear_once)
     if weights is not None:
         load_weights(model, cfg.load_model_path, weights)
         accelerator.print(

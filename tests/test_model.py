@@ -112,6 +112,40 @@ def test_training_with_dropout_keeps_one_mask_per_repeated_copy():
     assert torch.allclose(full, model.classifier(features), rtol=1e-4, atol=1e-6)
 
 
+class FixedMask(torch.nn.Module):
+    """A stand-in for the dropout before the first linear layer: a mask chosen by hand, scaled by 1 / (1 - p)."""
+
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.keep, self.widths, self.p = keep, [], 0.5
+
+    def forward(self, x):
+        self.widths.append(x.shape[1])
+        return x * self.keep[:, : x.shape[1]] * 2  # p = 0.5
+
+
+def test_first_linear_once_drops_each_feature_with_one_mask_across_its_pooled_copies():
+    """With first_linear_once the dropout sees the 256 features once per image, and the result is the seed's
+    network (the full first layer on the 36 pooled copies) with each feature's mask repeated over its 36 copies;
+    without it the dropout sees the 9216 copies, each with its own mask."""
+    torch.manual_seed(0)
+    once = alexnet(dropout=0.5, first_linear_once=True).train()
+    seed = alexnet(dropout=0.5).train()
+    seed.load_state_dict(once.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    per_feature = torch.rand(3, 256) < 0.5
+    once.classifier[0] = FixedMask(per_feature)
+    torch.manual_seed(1)  # the same mask for the second dropout (a real one) in both networks
+    output = once(images)
+    assert once.classifier[0].widths == [256]
+    # by hand: flatten orders the pooled 256 x 6 x 6 map feature by feature, so feature c holds positions 36c..36c+35
+    seed.classifier[0] = FixedMask(per_feature.repeat_interleave(36, dim=1))
+    torch.manual_seed(1)
+    assert torch.allclose(output, seed(images), rtol=1e-4, atol=1e-5)
+    assert seed.classifier[0].widths == [9216]
+    assert once.training and not torch.allclose(output, once.eval()(images))  # the mask acted
+
+
 def test_the_shortcut_serves_every_crop_up_to_94_pixels_and_no_larger(monkeypatch):
     """By hand: a 94-pixel side gives 22 -> 10 (pool) -> 10 -> 4 (pool) -> 4 -> 1 (pool), so conv5 leaves 1x1;
     95 gives 23 -> 11 -> 11 -> 5 -> 5 -> 2. Evaluation folds the first linear layer exactly where the map is 1x1."""
