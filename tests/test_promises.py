@@ -628,6 +628,7 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
+        "--shutdown_timeout=300",  # torchrun's SIGKILL must not cut the ranks' saves short on a loaded machine
         str(exit_recorder(tmp_path)),
         *QUICK,
         "--mixed_precision",
