@@ -167,10 +167,8 @@ def rerunning_replays(record):
     return recorded
 
 
-@pytest.mark.parametrize("replay", ["does nothing", "re-runs the step"])
-def test_graph_check_verdicts(cuda_stand_ins, replay):
-    """The GPU script's own checks, on the CPU with the stand-ins: a replay that does nothing fails the exact
-    check; a replay that re-runs the step passes every check."""
+def load_graph_check():
+    """scripts/graph_check.py as a module."""
     import importlib.util
 
     from conftest import ROOT
@@ -178,6 +176,14 @@ def test_graph_check_verdicts(cuda_stand_ins, replay):
     spec = importlib.util.spec_from_file_location("graph_check", ROOT / "scripts" / "graph_check.py")
     graph_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph_check)
+    return graph_check
+
+
+@pytest.mark.parametrize("replay", ["does nothing", "re-runs the step"])
+def test_graph_check_verdicts(cuda_stand_ins, replay):
+    """The GPU script's own checks, on the CPU with the stand-ins: a replay that does nothing fails the exact
+    check; a replay that re-runs the step passes every check."""
+    graph_check = load_graph_check()
     cuda_stand_ins.setattr(torch.cuda, "graph", silent_capture)
     if replay == "re-runs the step":
         cuda_stand_ins.setattr(Speedups, "_record", rerunning_replays(Speedups._record))
@@ -203,3 +209,25 @@ def test_graph_check_verdicts(cuda_stand_ins, replay):
     checks = (graph_check.check_exact, graph_check.check_dropout, graph_check.check_plateau, graph_check.check_ema)
     verdicts = {check.__name__: check(accelerator, batches) for check in checks}
     assert {name: result["passed"] for name, result in verdicts.items()} == dict.fromkeys(verdicts, True), verdicts
+
+
+@pytest.mark.parametrize("failing", [(), ("plateau",), ("exact", "compile")])
+def test_graph_check_exits_1_when_a_check_fails_and_names_it(failing, monkeypatch, tmp_path, capsys):
+    """The README: exit status 1 when one check fails (0 when all pass), the failed ones named in the summary
+    line and the JSON. The checks' verdicts are set here; on a GPU they are the checks' own."""
+    import json
+
+    graph_check = load_graph_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in GPU")
+    monkeypatch.setattr(graph_check, "build_accelerator", lambda cfg: Accelerator(cpu=True))
+    for name in ("exact", "dropout", "dropout_mean", "plateau", "ema"):
+        monkeypatch.setattr(graph_check, f"check_{name}", lambda accelerator, batches, compile=False, name=name: {
+            "passed": (name if not compile else "compile") not in failing})
+    with pytest.raises(SystemExit) as exit_info:
+        graph_check.main(steps=2, json_path=str(tmp_path / "graphs.json"))
+    assert exit_info.value.code == (1 if failing else 0)
+    assert json.loads((tmp_path / "graphs.json").read_text())["failed"] == list(failing)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    named = f"; failed: {', '.join(failing)}" if failing else ""
+    assert summary == f"graph check: {6 - len(failing)}/6 passed{named}"
