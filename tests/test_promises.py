@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
 from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
@@ -121,33 +122,51 @@ def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
 
 FULL_DISK = """\
 import errno, os, pathlib, sys
+import torch
 from alexnet_dist.cli import main
 
-write_text = pathlib.Path.write_text
+write_text, save = pathlib.Path.write_text, torch.save
 
-def full_disk(path, *args, **kwargs):  # the main process's own part of a checkpoint
-    if path.name == "trainer_state.json":
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    return write_text(path, *args, **kwargs)
+def full_disk(path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-pathlib.Path.write_text = full_disk
+def checkpoint_part(path, *args, **kwargs):  # the main process's own part of a checkpoint
+    return full_disk(path) if path.name == "trainer_state.json" else write_text(path, *args, **kwargs)
+
+def final_weights(obj, f, *args, **kwargs):  # the final weights' temporary file
+    return full_disk(f) if pathlib.Path(f).name.startswith(".model.tmp") else save(obj, f, *args, **kwargs)
+
+if {checkpoint}:
+    pathlib.Path.write_text = checkpoint_part
+else:
+    torch.save = final_weights
 main(sys.argv[1:])
 """
 
 
-def test_a_checkpoint_the_main_process_cannot_write_stops_every_rank_with_one_line(tmp_path):
-    """A full disk on the main process's part of a save: both ranks stop at once (not at the collective timeout),
-    with status 1 and one line from the main process; no checkpoint is published."""
+@pytest.mark.parametrize("part", ["checkpoint", "final weights"])
+def test_a_file_the_main_process_cannot_write_stops_every_rank_with_one_line(part, tmp_path):
+    """A full disk on the main process's part of a save, or on the final weights: both ranks stop at once (not at
+    the collective timeout), with status 1 and one line from the main process; no checkpoint is published after
+    the failure and no half-written weights file is left."""
     script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK)
-    ranks = launch_ranks(QUICK + ["--run_dir", "run"], tmp_path, script=script)
+    script.write_text(FULL_DISK.format(checkpoint=part == "checkpoint"))
+    ranks = launch_ranks(QUICK + ["--run_dir", "run", "--save", "model.pth"], tmp_path, script=script)
     codes = [rank.finish() for rank in ranks]  # 300 s at most: a rank left at a collective would wait 30 minutes
     assert codes == [1, 1], [rank.stderr for rank in ranks]
     line = ranks[0].stderr.rstrip().splitlines()[-1]
-    assert line.startswith("could not save the checkpoint run/checkpoints/step-0000005 (OSError: [Errno 28] No space")
-    assert "--resume latest" in line and "Traceback" not in ranks[0].stderr + ranks[1].stderr
-    assert "could not save" not in ranks[1].stderr  # only the main process prints
-    assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
+    if part == "checkpoint":
+        assert line.startswith("could not save the checkpoint run/checkpoints/step-0000005 (OSError: [Errno 28] No "
+                               "space")
+        assert "--resume latest" in line
+        assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
+    else:
+        assert line.startswith("could not write the weights model.pth (OSError: [Errno 28] No space left on device")
+        assert line.endswith("the run stopped")
+        assert [path.name for path in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000005"]
+    assert "Traceback" not in ranks[0].stderr + ranks[1].stderr
+    assert "could not" not in ranks[1].stderr  # only the main process prints
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith((".model", "model"))]
 
 
 EXIT_RECORDER = """\
