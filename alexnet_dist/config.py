@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .model import MIN_INPUT
+from .model import MAX_SINGLE_POSITION, MIN_INPUT
 
 
 class UsageError(Exception):
@@ -393,6 +393,11 @@ class Config:
             raise UsageError(
                 f"--translate must be smaller than the resized image ({min(self.resize)}), got {self.translate}"
             )
+        if self.first_linear_once and max(self.random_crop) > MAX_SINGLE_POSITION:
+            raise UsageError(
+                f"--first_linear_once needs crops of at most {MAX_SINGLE_POSITION} pixels (where conv5 leaves a 1x1 "
+                f"map), got --random_crop {_size(self.random_crop)}"
+            )
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:
@@ -458,15 +463,17 @@ def load_recipe(path) -> dict:
 
 
 def learning_changes(saved: dict, cfg: Config) -> list:
-    """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration."""
+    """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration (a flag newer
+    than the checkpoint counts as its default: new flags default to what the code did before them)."""
     def plain(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
     names = list(WHAT_IS_LEARNED)
     if cfg.schedule.startswith("warmup"):
         names.append("num_epochs")  # these schedules decay towards the last epoch
+    saved = {**DEFAULTS, **saved}
     return [
         f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
         for name in names
-        if name in saved and plain(saved[name]) != plain(getattr(cfg, name))
+        if plain(saved[name]) != plain(getattr(cfg, name))
     ]

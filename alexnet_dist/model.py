@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 MIN_INPUT = 63
+MAX_SINGLE_POSITION = 94  # the largest input side for which conv5 leaves a 1x1 map (95 leaves 2x2)
 COLUMN_WIDTHS = {1: (64, 192, 384, 256, 256), 2: (96, 256, 384, 384, 256)}
 
 

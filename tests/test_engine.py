@@ -142,6 +142,10 @@ def test_a_resume_under_a_warm_up_schedule_refuses_another_num_epochs():
 
     saved = Config.from_flags({"logger": "none", "num_epochs": 3}).to_dict()
     assert learning_changes(saved, Config.from_flags({"logger": "none", "num_epochs": 5})) == ["num_epochs: 3 -> 5"]
+    older = {name: value for name, value in saved.items() if name != "first_linear_once"}  # before the flag was
+    assert learning_changes(older, Config.from_flags({"logger": "none", "num_epochs": 3})) == []  # its default
+    assert learning_changes(older, Config.from_flags({"logger": "none", "num_epochs": 3, "first_linear_once": True})
+                            ) == ["first_linear_once: False -> True"]
     plateau = Config.from_flags({"logger": "none", "num_epochs": 3, "schedule": "plateau"}).to_dict()
     assert (
         learning_changes(plateau, Config.from_flags({"logger": "none", "num_epochs": 5, "schedule": "plateau"})) == []

@@ -59,6 +59,7 @@ BAD_INPUTS = [
     (["--batch_size", "30", "--grad_accum_steps", "4"], "use a multiple of 4"),
     (["--random_crop", "80"], "--random_crop 80,80 is larger than --resize 70,70"),
     (["--random_crop", "32", "--resize", "32"], "at least 63x63"),
+    (["--first_linear_once", "--resize", "100", "--random_crop", "95"], "--first_linear_once needs crops of at most"),
     (["--mean", "0.5,0.5"], "--mean must be three numbers"),
     (["--std", "0.5,0,0.5"], "--std must be greater than 0.0"),
     (["--std", "1,2,3,4"], "--std must be three numbers"),
@@ -79,6 +80,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.xdist_group("weights")  # on one worker, so that the module's weights files are written once
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, weights, capsys, tmp_path):
     argv = [arg.format(weights=weights) for arg in argv]

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from alexnet_dist.model import MIN_INPUT, alexnet
+from alexnet_dist.model import MAX_SINGLE_POSITION, MIN_INPUT, alexnet
 
 
 def count(model) -> int:
@@ -143,7 +143,20 @@ def test_first_linear_once_drops_each_feature_with_one_mask_across_its_pooled_co
     torch.manual_seed(1)
     assert torch.allclose(output, seed(images), rtol=1e-4, atol=1e-5)
     assert seed.classifier[0].widths == [9216]
-    assert once.training and not torch.allclose(output, once.eval()(images))  # the mask acted
+    once.classifier[0] = FixedMask(torch.ones(3, 256, dtype=torch.bool))
+    torch.manual_seed(1)
+    assert not torch.allclose(output, once(images))  # the mask acted: keeping every feature gives other outputs
+
+
+def test_the_flag_reaches_the_model():
+    from accelerate import Accelerator
+
+    from alexnet_dist.cli import parse_flags
+    from alexnet_dist.training import build_model
+
+    for flags, once in (([], False), (["--first_linear_once"], True)):
+        model = build_model(parse_flags(["--logger", "none", *flags]), Accelerator(cpu=True), num_classes=10)
+        assert model.first_linear_once is once
 
 
 def test_the_shortcut_serves_every_crop_up_to_94_pixels_and_no_larger(monkeypatch):
@@ -154,6 +167,7 @@ def test_the_shortcut_serves_every_crop_up_to_94_pixels_and_no_larger(monkeypatc
     calls = []
     shortcut = model._classify_single_position
     monkeypatch.setattr(model, "_classify_single_position", lambda x: calls.append(x.shape) or shortcut(x))
+    assert MAX_SINGLE_POSITION == 94  # what --first_linear_once allows
     for side, folded in ((63, True), (94, True), (95, False)):
         images = torch.randn(2, 3, side, side)
         calls.clear()
