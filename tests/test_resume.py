@@ -175,7 +175,6 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     newest = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert f"--resume {newest.relative_to(tmp_path)}" in err
     stopped_at = read_state(newest)["global_step"]
-    assert stopped_at >= 5  # the signal came once the first epoch's checkpoint was there
     epochs = stopped_at // 5 + 1  # the epoch under way at the stop (or the next, if it fell on an epoch's end)
     resumed = run_cli(flags + ["--num_epochs", epochs, "--resume", "latest"], cwd=tmp_path)  # plateau: allowed
     assert resumed.returncode == 0, resumed.stderr
