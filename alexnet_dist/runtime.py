@@ -192,7 +192,8 @@ class StopSignals:
 
     def __init__(self, accelerator):
         self.accelerator, self.received = accelerator, None
-        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGTERM, signal.SIGINT)}
+        self.previous_sigterm = signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, number, frame):
         if self.received is not None and number == signal.SIGINT:
@@ -229,5 +230,7 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received else ""
 
     def restore(self):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+        """SIGTERM back to what it was; SIGINT to Python's KeyboardInterrupt, so that Ctrl-C stops at once from
+        here even in a process started with SIGINT ignored (a script's background job, a test worker's child)."""
+        signal.signal(signal.SIGTERM, self.previous_sigterm)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -618,9 +618,11 @@ def test_a_second_sigint_stops_at_once(tmp_path):
 
 STOPPED_AT_ONCE = "stopped at once by Ctrl-C; what was saved before it stays (checkpoints, final weights)"
 PAUSED_REPORT = """\
-import sys, time
+import signal, sys, time
 from alexnet_dist import run
 from alexnet_dist.cli import main
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell script's background job starts (and a test worker's child)
 
 def paused(self, summary):
     print("the final report begins", flush=True)
@@ -633,7 +635,7 @@ main(sys.argv[1:])
 
 def test_ctrl_c_during_the_final_report_stops_the_run_at_once(tmp_path):
     """The final report (every test-time mode, test, dashboard) can take minutes on a CPU: Ctrl-C ends it, with
-    the final weights already saved."""
+    the final weights already saved, also in a process that started with SIGINT ignored."""
     script = tmp_path / "paused_report.py"
     script.write_text(PAUSED_REPORT)
     run = launch(QUICK + ["--save", "model.pth"], tmp_path, script=script)
