@@ -89,6 +89,31 @@ def paused_save(folder: Path, seconds: float) -> Path:
     return script
 
 
+# the longest tests (one minute or so each on two busy cores), started first: the two workers then end together
+# instead of one of them running a long test alone at the end
+LONGEST_FIRST = [
+    "test_two_nodes_two_processes_and_accumulation",  # with its group: the reference run and the slurm test
+    "test_slurm_script_starts_the_same_two_node_job",
+    "test_kills_at_set_points",
+    "test_compiled_training",
+    "test_sweep_rehearsal",
+    "test_resume_with_other_processes",
+    "test_weight_average_is_saved",
+    "test_evaluation_and_predictions_use_the_preprocessing",
+    "test_resume_is_bit_identical",
+    "test_smoke_rehearsal",
+    "test_resume_on_two_processes",
+    "test_evaluation_and_predictions_use_the_test_time_views",
+]
+
+
+def pytest_collection_modifyitems(items):
+    def place(item):
+        return next((i for i, name in enumerate(LONGEST_FIRST) if item.name.startswith(name)), len(LONGEST_FIRST))
+
+    items.sort(key=place)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """Every test runs in its own empty folder, without a tracker reaching the network."""

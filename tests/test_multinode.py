@@ -1,5 +1,6 @@
 """Two "nodes" on this machine: two torchrun launchers meeting over c10d on 127.0.0.1, or
-launch/slurm.sh under a stand-in srun. They train exactly as one process does, and the usual
+launch/slurm.sh under a stand-in srun. They train exactly as one process does (as two processes on one
+node and gradient accumulation do: the launch-invariance test lives here, beside its reference), and the usual
 multi-node failures (a node that never comes, a taken port, other flags) stop with a clear message
 within a bounded time instead of hanging.
 """
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env
 
 from alexnet_dist.checkpoint import read_weights
+from alexnet_dist.model import alexnet
 
 HELPER = ROOT / "tests" / "rank_weights.py"
 # no randomness: every launch takes the same 5 optimizer steps (fp32)
@@ -121,13 +124,18 @@ def one_process(tmp_path_factory) -> dict:
 
 
 @pytest.mark.xdist_group("one_process")  # on one worker, so that the reference is trained once
-def test_two_nodes_learn_what_one_process_and_two_processes_learn(tmp_path, one_process):
-    """Node 0 and node 1 in one folder (as on a shared file system): the same weights as 1 x 32 and 2 x 16 on
-    one node."""
+def test_two_nodes_two_processes_and_accumulation_learn_what_one_process_learns(tmp_path, one_process):
+    """What is learned does not depend on the launch (dropout and random augmentation off): 2 nodes x 16 images
+    (node 0 and node 1 in one folder, as on a shared file system), 2 processes x 16 on one node, and 1 process x
+    2 accumulation steps x 16 take the steps 1 x 32 takes."""
     standalone = tmp_path / "standalone"
     standalone.mkdir()
     command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", HELPER, standalone, *SAME_STEPS]
     check_succeeded(finish([start(command, standalone, tmp_path / "standalone.log")]))
+    accumulated = tmp_path / "accumulated"
+    accumulated.mkdir()
+    command = [sys.executable, HELPER, accumulated, *SAME_STEPS, "--grad_accum_steps", "2"]
+    check_succeeded(finish([start(command, accumulated, tmp_path / "accumulated.log")]))
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     port = free_port()
@@ -143,7 +151,12 @@ def test_two_nodes_learn_what_one_process_and_two_processes_learn(tmp_path, one_
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)  # DDP kept both nodes' copies equal
     assert_same_training(rank0, one_process, "two nodes")
     assert_same_training(torch.load(standalone / "rank0.pt"), one_process, "two processes")
+    assert_same_training(torch.load(accumulated / "rank0.pt"), one_process, "accumulation")
     assert_one_run_written(nodes)
+    set_seed(0)
+    initial = alexnet(init="kaiming").state_dict()
+    moved = (one_process["features.0.weight"] - initial["features.0.weight"]).abs().max()
+    assert moved > 100 * 1e-6  # the steps moved the weights far more than the tolerance of assert_same_training
 
 
 def slurm_env(bin_folder: Path, port: int) -> dict:

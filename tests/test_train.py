@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.utils import set_seed
-from conftest import NO_RANDOMNESS, QUICK, ROOT, run_cli
+from conftest import QUICK, ROOT, run_cli
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
@@ -105,33 +104,6 @@ def test_ddp_comm_hook_is_harmless_on_one_process():
     accelerator = build_accelerator(Config.from_flags({"ddp_comm_hook": "fp16", "device": "cpu", "logger": "none"}))
     model = alexnet()
     assert accelerator.num_processes == 1 and accelerator.prepare(model) is model  # no DDP wrapper, no hook
-
-
-def test_launch_does_not_change_what_is_learned(tmp_path):
-    """Dropout and random augmentation off: 1 x 32, 2 x 16 and 1 x 2 accumulation x 16 take the same steps."""
-    flags = QUICK + NO_RANDOMNESS + [
-        "--init",
-        "kaiming",
-        "--mixed_precision",
-        "no",
-        "--save",
-        "model.pth",
-    ]
-    setups = {"one": (1, []), "two_processes": (2, []), "accumulation": (1, ["--grad_accum_steps", "2"])}
-    weights = {}
-    for name, (processes, extra) in setups.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        result = run_cli([folder, *flags, *extra], cwd=folder, script=HELPER, processes=processes)
-        assert result.returncode == 0, result.stderr
-        weights[name] = torch.load(folder / "rank0.pt")
-    for name in ("two_processes", "accumulation"):
-        for key, tensor in weights[name].items():
-            assert torch.allclose(tensor, weights["one"][key], rtol=1e-4, atol=1e-6), (name, key)
-    set_seed(0)
-    initial = alexnet(init="kaiming").state_dict()
-    moved = (weights["one"]["features.0.weight"] - initial["features.0.weight"]).abs().max()
-    assert moved > 100 * 1e-6  # the steps moved the weights far more than the tolerance above
 
 
 def test_console_script_takes_the_same_flags(tmp_path):
