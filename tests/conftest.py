@@ -104,6 +104,7 @@ LONGEST_FIRST = [
     "test_smoke_rehearsal",
     "test_resume_on_two_processes",
     "test_evaluation_and_predictions_use_the_test_time_views",
+    "test_ranks_draw_their_own_dropout_masks",
 ]
 
 

@@ -1,5 +1,5 @@
-"""Test helper: train like launch/train.py and record, on each rank, its first training input and the
-dropout masks of its first step, saved as OUT/probe<R>.pt.
+"""Test helper: train like launch/train.py and record, on each rank, its first training input, the dropout masks
+of its first step and its final weights, saved as OUT/probe<R>.pt.
 
     torchrun --nproc_per_node 2 tests/rank_probe.py OUT --dataset fake ...
 """
@@ -37,5 +37,5 @@ if __name__ == "__main__":
     out, argv = sys.argv[1], sys.argv[2:]
     torch.nn.functional.dropout = recording_dropout
     model_module.AlexNet.forward = recording_forward
-    run(parse_flags(argv))
+    RECORD["weights"] = run(parse_flags(argv)).state_dict()
     torch.save(RECORD, os.path.join(out, f"probe{os.environ.get('RANK', '0')}.pt"))

@@ -54,16 +54,6 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1  # evaluation writes no run
 
 
-def test_two_processes_end_with_identical_weights(tmp_path):
-    result = run_cli([tmp_path, *QUICK, "--save", "model.pth"], cwd=tmp_path, script=HELPER, processes=2)
-    assert result.returncode == 0, result.stderr
-    assert "2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in result.stdout
-    assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
-    assert len(list((tmp_path / "runs").iterdir())) == 1
-
-
 # AlexNet's parameters at the default flags (10 classes; the crop does not matter after the 6x6 pooling), by hand:
 # (inputs x kernel + 1 bias) x outputs for conv1..conv5, then the three linear layers
 GRADIENTS = (
@@ -114,9 +104,10 @@ def test_console_script_takes_the_same_flags(tmp_path):
     assert result.returncode == 2 and "--batch_size must be at least 1" in result.stderr
 
 
-def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan(tmp_path):
+def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan_and_end_with_identical_weights(tmp_path):
     """Two processes: the halves of a global batch get different dropout masks, and the images are
-    those a single process sees in its first step, split in two."""
+    those a single process sees in its first step, split in two; DDP still ends both ranks with the same weights,
+    and only the main process prints and writes the run folder."""
     probe = ROOT / "tests" / "rank_probe.py"
     flags = QUICK + ["--mixed_precision", "no", "--save", "model.pth"]
     records = {}
@@ -126,7 +117,11 @@ def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan(tmp_path):
         result = run_cli([folder, *flags], cwd=folder, script=probe, processes=processes)
         assert result.returncode == 0, result.stderr
         records[processes] = [torch.load(folder / f"probe{rank}.pt") for rank in range(processes)]
+    assert "2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in result.stdout
+    assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
+    assert len(list((tmp_path / "p2" / "runs").iterdir())) == 1
     rank0, rank1 = records[2]
+    assert all(torch.equal(rank0["weights"][name], rank1["weights"][name]) for name in rank0["weights"])
     assert len(rank0["masks"]) == 2 and rank0["masks"][0].shape == (16, 256 * 36)
     for first, second in zip(rank0["masks"], rank1["masks"]):
         assert not torch.equal(first, second)
