@@ -65,6 +65,18 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subp
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
 
 
+def first_epoch_of(run: Path, copy: Path) -> Path:
+    """A copy of a finished run's folder as it stood after its first epoch: its first checkpoint and nothing newer
+    (the run kept them with --keep_checkpoints 2 --checkpoint_minutes 0). A resume from it takes the steps a
+    separate first-epoch run would have handed over, without training that epoch again."""
+    from alexnet_dist.checkpoint import complete_checkpoints
+
+    shutil.copytree(run, copy)
+    for newer in complete_checkpoints(copy / "checkpoints")[1:]:
+        shutil.rmtree(newer)
+    return copy
+
+
 PAUSED_SAVE = """\
 import os, sys, time
 from pathlib import Path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, first_epoch_of, paused_save, run_cli
 from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 from torchvision.io import write_png
 
@@ -272,15 +272,16 @@ def test_cifar10_is_downloaded_once_by_the_main_process_while_the_other_rank_wai
 
 def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_path):
     flags = EXACT + ["--ema", "0.9"]
-    straight = run_cli(flags + ["--num_epochs", "2", "--run_dir", "straight", "--save", "straight.pth"], cwd=tmp_path)
+    straight = run_cli(flags + ["--num_epochs", "2", "--run_dir", "straight", "--keep_checkpoints", "2",
+                                "--save", "straight.pth"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
-    first = run_cli(flags + ["--num_epochs", "1", "--run_dir", "resumed"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    first_epoch_of(tmp_path / "straight", tmp_path / "resumed")
     resumed = run_cli(
         flags + ["--num_epochs", "2", "--run_dir", "resumed", "--resume", "latest", "--save", "resumed.pth"],
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from resumed/checkpoints/step-0000005" in resumed.stdout
     average, final = (read_weights(tmp_path / name)["state_dict"] for name in ("straight_ema.pth", "straight.pth"))
     again = read_weights(tmp_path / "resumed_ema.pth")["state_dict"]
     assert all(torch.equal(average[name], again[name]) for name in average)  # the resume restored the average exactly

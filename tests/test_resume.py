@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, paused_save, run_cli
+from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, first_epoch_of, paused_save, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
 
@@ -85,14 +85,10 @@ def test_resume_is_bit_identical_on_one_process(tmp_path):
 def test_resume_on_two_processes_matches_within_tolerance(tmp_path):
     for out in ("a", "b"):
         (tmp_path / out).mkdir()
-    straight = run_cli(
-        [tmp_path / "a", *KAIMING, "--num_epochs", "2", "--run_dir", "a/run"], cwd=tmp_path, script=HELPER, processes=2
-    )
+    straight = run_cli([tmp_path / "a", *KAIMING, "--num_epochs", "2", "--run_dir", "a/run", "--keep_checkpoints",
+                        "2"], cwd=tmp_path, script=HELPER, processes=2)
     assert straight.returncode == 0, straight.stderr
-    first = run_cli(
-        [tmp_path / "b", *KAIMING, "--num_epochs", "1", "--run_dir", "b/run"], cwd=tmp_path, script=HELPER, processes=2
-    )
-    assert first.returncode == 0, first.stderr
+    first_epoch_of(tmp_path / "a" / "run", tmp_path / "b" / "run")
     second = run_cli(
         [tmp_path / "b", *KAIMING, "--num_epochs", "2", "--run_dir", "b/run", "--resume", "latest"],
         cwd=tmp_path,
@@ -100,16 +96,18 @@ def test_resume_on_two_processes_matches_within_tolerance(tmp_path):
         processes=2,
     )
     assert second.returncode == 0, second.stderr
+    assert "resumed from b/run/checkpoints/step-0000005" in second.stdout  # the first epoch's, not trained again
     a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
     assert all(torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6) for name in a)
 
 
 def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path):
     deterministic = KAIMING + NO_RANDOMNESS
-    straight = run_cli(deterministic + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
+    straight = run_cli(deterministic + ["--num_epochs", "2", "--run_dir", "straight", "--keep_checkpoints", "2",
+                                        "--save", "straight.pth"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     for name, processes, extra in [("two", 2, []), ("accumulated", 1, ["--grad_accum_steps", "2"])]:
-        assert run_cli(deterministic + ["--num_epochs", "1", "--run_dir", name], cwd=tmp_path).returncode == 0
+        first_epoch_of(tmp_path / "straight", tmp_path / name)  # its checkpoint of step 5, one process's
         resumed = run_cli(
             deterministic
             + ["--num_epochs", "2", "--run_dir", name, "--resume", "latest", "--save", f"{name}.pth", *extra],
@@ -117,6 +115,7 @@ def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path
             processes=processes,
         )
         assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed from {name}/checkpoints/step-0000005" in resumed.stdout
         a, b = weights(tmp_path / "straight.pth"), weights(tmp_path / f"{name}.pth")
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
 
