@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ QUICK = [
 # dropout and random augmentation off (no resize margin either): every launch of the same flags takes the same
 # optimizer steps, so weights can be compared across launches
 NO_RANDOMNESS = ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64"]
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (another process may take it before the run binds it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cli_env(**extra) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env
+from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, free_port
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
@@ -45,12 +45,6 @@ STAND_IN_SCONTROL = """#!/usr/bin/env bash
 # stand-in scontrol: every node of the job is this machine
 [[ "$1 $2" == "show hostnames" ]] && printf '127.0.0.1\\n127.0.0.1\\n'
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def node(port: int, is_host: bool, script, args, join_timeout: int = 120) -> list:

@@ -8,7 +8,6 @@ import http.server
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, TRAIN, cli_env, first_epoch_of, paused_save, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, first_epoch_of, free_port, paused_save, run_cli
 from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 from torchvision.io import write_png
 
@@ -103,12 +102,6 @@ class Launched:
 
 def launch(args, cwd, env=None, script=TRAIN) -> Launched:
     return Launched([sys.executable, str(script), *map(str, args)], cwd, env or cli_env())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
