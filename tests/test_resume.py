@@ -67,18 +67,24 @@ def wait_for(condition, process, timeout=600.0):
         time.sleep(0.05)
 
 
-def test_resume_is_bit_identical_on_one_process(tmp_path):
+def test_resume_is_bit_identical_on_one_process_and_the_wandb_run_keeps_its_id(tmp_path):
+    """Stopped on purpose after one epoch, then resumed with more epochs: the weights a straight run ends with, and
+    (W&B offline in the stopped run, none in the straight one) one W&B run id across both launches."""
     straight = run_cli(KAIMING + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
-    # stopped on purpose after one epoch, then resumed with more epochs
-    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "short"], cwd=tmp_path).returncode == 0
-    longer = run_cli(
-        KAIMING + ["--num_epochs", "2", "--run_dir", "short", "--resume", "latest", "--save", "longer.pth"],
-        cwd=tmp_path,
-    )
+    env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
+    short = KAIMING + ["--logger", "wandb", "--run_dir", "short"]
+    first = run_cli(short + ["--num_epochs", "1"], cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    longer = run_cli(short + ["--num_epochs", "2", "--resume", "latest", "--save", "longer.pth"], cwd=tmp_path,
+                     env=env)
     assert longer.returncode == 0, longer.stderr
     assert "resumed from short/checkpoints/step-0000005: epoch 2, step 0" in longer.stdout
     assert identical(weights(tmp_path / "straight.pth"), weights(tmp_path / "longer.pth"))
+    run_id = json.loads((tmp_path / "short" / "tracker.json").read_text())["wandb_id"]
+    offline = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline), (run_id, offline)
+    assert f"wandb sync {offline[-1]}" in longer.stdout
     # after a kill, with the same metrics rows as a straight run: the kill-point test below
 
 
@@ -120,26 +126,23 @@ def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
 
 
-def test_resume_refuses_what_changes_the_training_unless_told(tmp_path):
-    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "r"], cwd=tmp_path).returncode == 0
-    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
-    refused = run_cli(
-        KAIMING + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16"], cwd=tmp_path
-    )
+@pytest.mark.xdist_group("trained")  # on the worker that made the module's `trained` runs
+def test_resume_refuses_what_changes_the_training_unless_told(tmp_path, trained):
+    run = copy_run(trained, "fake_run", tmp_path)  # one epoch of KAIMING: its checkpoint is step-0000005
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    resume = KAIMING + ["--num_epochs", "2", "--run_dir", "fake_run", "--resume", "latest", "--batch_size", "16"]
+    refused = run_cli(resume, cwd=tmp_path)
     assert refused.returncode == 2
-    assert refused.stderr.strip().startswith("error: --resume r/checkpoints/step-0000005: these flags change what is")
-    assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
-    new_optimizer = ["--lr", "0.1", "--momentum", "0.5", "--weight_decay", "0"]  # saved: 0.05, 0.9, 5e-4
-    allowed = run_cli(
-        KAIMING
-        + ["--num_epochs", "2", "--run_dir", "r", "--resume", "latest", "--batch_size", "16", "--allow_config_change"]
-        + new_optimizer,
-        cwd=tmp_path,
+    assert refused.stderr.strip().startswith(
+        "error: --resume fake_run/checkpoints/step-0000005: these flags change what is"
     )
+    assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    new_optimizer = ["--lr", "0.1", "--momentum", "0.5", "--weight_decay", "0"]  # saved: 0.05, 0.9, 5e-4
+    allowed = run_cli(resume + ["--allow_config_change"] + new_optimizer, cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
     assert "global batch 16 = 1 process(es)" in allowed.stdout  # the new batch size took effect
-    newest = complete_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    newest = complete_checkpoints(run / "checkpoints")[-1]
     assert read_state(newest)["config"]["batch_size"] == 16
     # and so did the optimizer's: the values it stepped with (plateau: no lr reduction within one epoch)
     [group] = torch.load(newest / "optimizer.bin", weights_only=False)["param_groups"]
@@ -174,9 +177,12 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
     (--checkpoint_steps 1) and the schedule is the default warm-up then linear decay, so a resume that restarted
     the epoch's data or the schedule would end elsewhere."""
     default_schedule = [value if value != "plateau" else "warmup_linear" for value in KAIMING]
-    flags = default_schedule + ["--num_epochs", "3", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
-    straight = run_cli(flags + ["--run_dir", "straight", "--save", "straight.pth"], cwd=tmp_path)
+    # the straight run checkpoints at epoch ends only: the killed one's checkpoint at every step must not change
+    # what it learns or logs either
+    straight = run_cli(default_schedule + ["--num_epochs", "3", "--run_dir", "straight", "--save", "straight.pth"],
+                       cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
+    flags = default_schedule + ["--num_epochs", "3", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
     flags += ["--run_dir", "run", "--save", "killed.pth"]
     folder = tmp_path / "run" / "checkpoints"
     last_step = 0
@@ -223,17 +229,18 @@ def test_skip_nonfinite_through_the_cli_finishes_and_counts_what_it_skipped(tmp_
     assert all(torch.isfinite(tensor).all() for tensor in weights(tmp_path / "model.pth").values())
 
 
-def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    diverging = KAIMING + ["--num_epochs", "3", "--run_dir", "run"]
-    assert run_cli(diverging + ["--num_epochs", "1"], cwd=tmp_path).returncode == 0
+@pytest.mark.xdist_group("trained")  # on the worker that made the module's `trained` runs
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, trained):
+    run = copy_run(trained, "fake_run", tmp_path)  # one epoch of KAIMING: its checkpoint is step-0000005
+    diverging = KAIMING + ["--num_epochs", "3", "--run_dir", "fake_run"]
     result = run_cli(diverging + ["--resume", "latest", "--lr", "1e6", "--allow_config_change"], cwd=tmp_path)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert (
         message.startswith("the loss became non-finite at optimizer step ")
-        and "run/checkpoints/step-0000005" in message
+        and "fake_run/checkpoints/step-0000005" in message
     )
-    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000005"]
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-0000005"]
 
 
 OPTIMIZERS = {
