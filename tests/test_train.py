@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import QUICK, ROOT, run_cli
 
-from alexnet_dist.checkpoint import read_weights
+from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.model import alexnet
 
 HELPER = ROOT / "tests" / "rank_weights.py"
@@ -183,6 +183,8 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
         )
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from run/checkpoints/step-0000005" in resumed.stdout
+        assert read_state(complete_checkpoints(folder / "run" / "checkpoints")[-1])["global_step"] == 10  # 2 x 5
+        assert read_weights(folder / "again.pth")["state_dict"].keys() == state_dict.keys()
 
 
 def test_the_default_smoke_run_learns(tmp_path):
