@@ -1,0 +1,46 @@
+"""The recipe table's figures, read from each run's own metrics file (nothing typed by hand).
+
+    python docs/results/recipes/table.py              # every <name>_seed<k>/ folder beside this script
+    python docs/results/recipes/table.py paper_seed0  # some of them
+
+One line per run: its folder, the whole command's time (`time/total`), the final validation accuracy in
+the three test-time modes (centre / flip / ten views) and the last epoch's training accuracy (measured
+on augmented images, dropout on). Then, for every name with more than one seed, the mean and the
+spread (max - min) of the ten-view figure.
+"""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def figures(folder: Path) -> dict:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    final = next(row for row in reversed(rows) if "time/total" in row)
+    last_epoch = next(row for row in reversed(rows) if "Accuracy/Train" in row)
+    modes = [100 * final[f"Accuracy/Validation_final/tta_{mode}"] for mode in ("none", "flip", "ten")]
+    return {"wall": final["time/total"], "modes": modes, "train": 100 * last_epoch["Accuracy/Train"],
+            "epochs": last_epoch["epoch"]}
+
+
+def main(names: list) -> None:
+    folders = [HERE / name for name in names] or sorted(path.parent for path in HERE.glob("*_seed*/metrics.jsonl"))
+    ten = defaultdict(list)
+    for folder in folders:
+        got = figures(folder)
+        centre, flip, ten_views = got["modes"]
+        print(f"{folder.name}: {got['epochs']} epochs, {got['wall']:,.0f} s, validation {centre:.2f} / {flip:.2f} / "
+              f"{ten_views:.2f}% (centre / flip / ten), training accuracy {got['train']:.2f}%")
+        ten[folder.name.rsplit("_seed", 1)[0]].append(ten_views)
+    for name, values in ten.items():
+        if len(values) > 1:
+            print(f"{name}: {len(values)} seeds, ten views mean {statistics.mean(values):.2f}%, "
+                  f"spread {max(values) - min(values):.2f} points")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
