@@ -1,6 +1,8 @@
 """Shared helpers: run the real entry point in a subprocess, on the CPU, with W&B kept offline."""
 
+import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -36,10 +38,20 @@ NO_RANDOMNESS = ["--dropout", "0", "--flip=False", "--translate", "0", "--resize
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now (another process may take it before the run binds it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free on 127.0.0.1 now, drawn below the kernel's ephemeral range: the ports gloo, torchrun and the
+    other worker's sockets get without asking come from that range, so none of them can take this one between
+    this probe and the run's bind (only another free_port() could, one chance in thousands)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 below {low}")
 
 
 def cli_env(**extra) -> dict:
