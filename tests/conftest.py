@@ -1,6 +1,7 @@
 """Shared helpers: run the real entry point in a subprocess, on the CPU, with W&B kept offline."""
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -38,20 +39,34 @@ NO_RANDOMNESS = ["--dropout", "0", "--flip=False", "--translate", "0", "--resize
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, drawn below the kernel's ephemeral range: the ports gloo, torchrun and the
-    other worker's sockets get without asking come from that range, so none of them can take this one between
-    this probe and the run's bind (only another free_port() could, one chance in thousands)."""
+    """A port free now on every address (as torch's c10d store binds it), drawn below the kernel's ephemeral
+    range: the ports gloo, torchrun and the other worker's sockets get without asking come from that range, so
+    none of them can take this one between this probe and the run's bind (another free_port() could, one chance
+    in thousands)."""
     low = 32768
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 12000), low), 50):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+    candidates = range(max(1024, low - 12000), low)
+    for port in random.Random().sample(candidates, min(50, len(candidates))):
+        if bindable(port):
             return port
-    raise RuntimeError(f"no free port on 127.0.0.1 below {low}")
+    with socket.socket() as probe:  # no room below the ephemeral range: one the kernel picks
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def bindable(port: int) -> bool:
+    """Whether `port` can be bound on every IPv4 address, and every IPv6 one where there is IPv6."""
+    families = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+    for family, address in families:
+        try:
+            with socket.socket(family) as probe:
+                probe.bind((address, port))
+        except OSError as error:
+            if family == socket.AF_INET6 and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # no IPv6
+                continue
+            return False
+    return True
 
 
 def cli_env(**extra) -> dict:
