@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -98,6 +99,11 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subp
 
         output = text(error.stdout)[-3000:] + text(error.stderr)[-3000:]
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
+
+
+def metric_rows(run_dir: Path) -> list:
+    """The rows of a run folder's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def first_epoch_of(run: Path, copy: Path) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, TRAIN, cli_env, first_epoch_of, free_port, paused_save, run_cli
+from conftest import QUICK, ROOT, TRAIN, cli_env, first_epoch_of, free_port, metric_rows, paused_save, run_cli
 from fake_cifar10 import CIFAR_CLASSES, cifar_archive, cifar_members, md5_lists
 from torchvision.io import write_png
 
@@ -33,9 +33,6 @@ def printed(stdout: str, title: str = "test (tta none)") -> str:
     assert found, f"no '{title} accuracy' in:\n{stdout[-3000:]}"
     return found.group(0)
 
-
-def metric_rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def write_image_folder(root: Path, split: str, imageset, classes, count: int) -> list:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, first_epoch_of, paused_save, run_cli
+from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, first_epoch_of, metric_rows, paused_save, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
 
@@ -34,9 +34,6 @@ KAIMING = QUICK + [
 def weights(path) -> dict:
     return torch.load(path)["state_dict"]
 
-
-def metric_rows(run_dir) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def identical(a: dict, b: dict) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, cli_env, run_cli
+from conftest import QUICK, cli_env, metric_rows, run_cli
 from PIL import Image
 from torchvision.io import write_png
 
@@ -128,7 +128,7 @@ def test_run_directory_metrics_plots_and_the_plot_command(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not [path for path in tmp_path.rglob("*") if "wandb" in path.name]  # --logger none: no W&B files
     run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     assert [row["step"] for row in rows if "Loss/Train" in row] == [2, 4, 6, 8, 10]
     assert [row["epoch"] for row in rows if "Accuracy/Validation" in row] == [1, 2]
     assert json.loads((run / "config.json").read_text())["num_epochs"] == 2
