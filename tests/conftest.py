@@ -109,13 +109,36 @@ def metric_rows(run_dir: Path) -> list:
 def first_epoch_of(run: Path, copy: Path) -> Path:
     """A copy of a finished run's folder as it stood after its first epoch: its first checkpoint and nothing newer
     (the run kept them with --keep_checkpoints 2 --checkpoint_minutes 0). A resume from it takes the steps a
-    separate first-epoch run would have handed over, without training that epoch again."""
+    separate first-epoch run would have handed over, without training that epoch again. The newer checkpoints
+    go from the run itself too: no test reads them, and each takes 0.5-0.7 GB of disk."""
     from alexnet_dist.checkpoint import complete_checkpoints
 
-    shutil.copytree(run, copy)
-    for newer in complete_checkpoints(copy / "checkpoints")[1:]:
+    for newer in complete_checkpoints(run / "checkpoints")[1:]:
         shutil.rmtree(newer)
+    return copy_run_folder(run, copy)
+
+
+def copy_run_folder(run: Path, copy: Path) -> Path:
+    """A copy of a run folder whose checkpoints' files are hard links, not copies: a run never writes into a
+    checkpoint's files (it writes a new one under a temporary name, then renames it), and each is 0.5-0.7 GB.
+    The disk of a CI machine filled up with two tests copying them side by side. Anything else (metrics,
+    W&B, weights) is copied, since a resumed run appends to it. A test that damages a checkpoint's file must
+    replace it (`replace_file`), not write into it."""
+
+    def link_checkpoints(source, target):
+        if "checkpoints" in Path(source).relative_to(run).parts:
+            os.link(source, target)
+        else:
+            shutil.copy2(source, target)
+
+    shutil.copytree(run, copy, copy_function=link_checkpoints)
     return copy
+
+
+def replace_file(path: Path, data: bytes):
+    """Writes a new file under the name, leaving any hard link to the old one as it was."""
+    path.unlink()
+    path.write_bytes(data)
 
 
 PAUSED_SAVE = """\
@@ -159,6 +182,23 @@ LONGEST_FIRST = [
     "test_evaluation_and_predictions_use_the_test_time_views",
     "test_ranks_draw_their_own_dropout_masks",
 ]
+
+
+def pytest_sessionstart(session):
+    import tempfile
+
+    session.config.stash[FREE_DISK] = (tempfile.gettempdir(), shutil.disk_usage(tempfile.gettempdir()).free)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How much disk the tests had: two workers' launches hold up to ~4 GB of checkpoints and weights at once, and
+    a full disk shows only as a failed save in whichever test ran out first."""
+    if FREE_DISK in config.stash:
+        where, free = config.stash[FREE_DISK]
+        terminalreporter.write_line(f"free disk where the tests write ({where}) at the start: {free / 1e9:.1f} GB")
+
+
+FREE_DISK = pytest.StashKey[tuple]()
 
 
 def pytest_collection_modifyitems(items):

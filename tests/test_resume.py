@@ -12,7 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import NO_RANDOMNESS, QUICK, ROOT, TRAIN, cli_env, first_epoch_of, metric_rows, paused_save, run_cli
+from conftest import (
+    NO_RANDOMNESS,
+    QUICK,
+    ROOT,
+    TRAIN,
+    cli_env,
+    copy_run_folder,
+    first_epoch_of,
+    metric_rows,
+    paused_save,
+    replace_file,
+    run_cli,
+)
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state
 
@@ -121,6 +133,7 @@ def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path
         assert f"resumed from {name}/checkpoints/step-0000005" in resumed.stdout
         a, b = weights(tmp_path / "straight.pth"), weights(tmp_path / f"{name}.pth")
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
+        shutil.rmtree(tmp_path / name)  # its checkpoint: 0.5 GB of disk
 
 
 @pytest.mark.xdist_group("trained")  # on the worker that made the module's `trained` runs
@@ -338,17 +351,16 @@ def trained(tmp_path_factory):
 
 
 def copy_run(trained, name, tmp_path) -> Path:
-    shutil.copytree(trained / name, tmp_path / name)
-    return tmp_path / name
+    return copy_run_folder(trained / name, tmp_path / name)
 
 
 def damage_weights(run: Path):
     path = complete_checkpoints(run / "checkpoints")[-1] / "pytorch_model.bin"
-    path.write_bytes(path.read_bytes()[:1000])
+    replace_file(path, path.read_bytes()[:1000])
 
 
 def damage_state(run: Path):
-    (complete_checkpoints(run / "checkpoints")[-1] / "trainer_state.json").write_text("{not json")
+    replace_file(complete_checkpoints(run / "checkpoints")[-1] / "trainer_state.json", b"{not json")
 
 
 RESUME = KAIMING + ["--num_epochs", "2", "--run_dir", "fake_run", "--resume", "latest"]
