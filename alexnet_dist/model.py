@@ -25,8 +25,9 @@ Where it differs:
   scale; about 0.2% on a trained network, as reported in the accuracy issue). The layers are kept
   as the paper has them.
 - `init='paper'` draws every weight from N(0, 0.01) and sets the biases of conv2, conv4, conv5
-  and the hidden linear layers to 1 (0 elsewhere). It is known to stall without a tuned learning
-  rate.
+  and the hidden linear layers to 1 (0 elsewhere). At this depth and scale it does not learn: the
+  paper's recipe (`configs/recipes/paper.yaml`, lr 0.01) sat at the loss ln(10) and chance accuracy
+  for all 25 epochs of a full CPU run (docs/results/recipes/paper_seed0).
 - PyTorch's initialisation (`init='pytorch'`, this builder's default, as in torchvision) shrinks
   the signal layer by layer (conv5's output has a standard deviation near 0.01 at the start), so
   the loss sits at ln(10) for the first hundreds of steps. `init='kaiming'` (He et al. 2015:
