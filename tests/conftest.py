@@ -191,7 +191,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """How much disk the tests had: two workers' launches held up to 4.3 GB of checkpoints and weights at once, and
+    """How much disk the tests had: two workers' launches held up to 4.3-5.0 GB of checkpoints and weights at once, and
     a full disk shows only as a failed save in whichever test ran out first."""
     if FREE_DISK in config.stash:
         where, free = config.stash[FREE_DISK]
