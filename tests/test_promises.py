@@ -34,7 +34,6 @@ def printed(stdout: str, title: str = "test (tta none)") -> str:
     return found.group(0)
 
 
-
 def write_image_folder(root: Path, split: str, imageset, classes, count: int) -> list:
     """The first `count` images of `imageset` as PNGs under root/split/<class>/; their paths."""
     paths = []

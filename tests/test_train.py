@@ -1,14 +1,13 @@
 """Smoke runs of the real entry point on generated data, on one and two CPU processes."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, run_cli
+from conftest import QUICK, ROOT, copy_run_folder, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.model import alexnet
@@ -176,7 +175,7 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
     assert predicted.returncode == 0 and "one.png: pattern" in predicted.stdout, predicted.stderr
     for compile in ("true", "false"):
         folder = tmp_path / f"resume_{compile}"
-        shutil.copytree(tmp_path / "run", folder / "run")
+        copy_run_folder(tmp_path / "run", folder / "run")
         resumed = run_cli(
             [*flags, "--num_epochs", "2", "--compile", compile, "--resume", "latest", "--save", "again.pth"],
             cwd=folder,
