@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 
 from .config import UsageError
-from .files import atomic_write
+from .files import atomic_write, unwritable_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -175,15 +175,19 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
                 return cached["images"]
         except Exception:
             pass  # a damaged cache entry is rebuilt below
+    def cannot_write(reason: str) -> UsageError:
+        return UsageError(f"cannot write the decoded-image cache in {cache_dir} ({reason}): "
+                          "give a writable folder with --cache_dir, or --cache_dir none")
+
+    blocker = unwritable_folder(cache_dir) if write else None
+    if blocker is not None:  # say so now, not after decoding every image
+        raise cannot_write(f"{blocker} is not a writable folder")
     images = _decode_all(files, size, num_workers)
     if write:
         try:
             atomic_write(path, lambda temporary: torch.save({"images": images}, temporary))
         except OSError as error:
-            raise UsageError(
-                f"cannot write the decoded-image cache in {cache_dir} ({error.strerror}): "
-                "give a writable folder with --cache_dir, or --cache_dir none"
-            ) from None
+            raise cannot_write(error.strerror) from None
     return images
 
 

@@ -28,8 +28,15 @@ def check_writable(flag: str, path: Path):
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder: give a file path such as {path}/model.pth")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    parent = unwritable_folder(path.parent)
+    if parent is not None:
         raise UsageError(f"{flag} {path} cannot be written ({parent} is not a writable folder)")
+
+
+def unwritable_folder(folder: Path) -> Path | None:
+    """The nearest existing path at or above `folder` when it is not a writable folder (so `folder` cannot be
+    made and written), else None."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    return None if folder.is_dir() and os.access(folder, os.W_OK) else folder

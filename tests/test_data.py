@@ -186,6 +186,19 @@ def test_folder_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
     assert decodes_again(folder_config(tmp_path))
 
 
+def test_unwritable_cache_folder_is_refused_before_decoding(tmp_path, monkeypatch):
+    write_folder(tmp_path, "train")
+    (tmp_path / "blocker").write_text("")
+
+    def no_decoding(*args):
+        raise AssertionError("decoded every image before finding that the cache cannot be written")
+
+    monkeypatch.setattr(data_module, "_decode_all", no_decoding)
+    with pytest.raises(UsageError, match="cache in .*blocker/cache .*blocker is not a writable folder"):
+        load_data(folder_config(tmp_path, cache_dir=str(tmp_path / "blocker" / "cache")), CPU, writer=True)
+    assert not (tmp_path / "blocker").is_dir()
+
+
 def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_data(folder_config(tmp_path / "missing"), CPU, writer=True)

@@ -77,6 +77,10 @@ BAD_INPUTS = [
     (["--load_model_path", "{weights}/other.pth"], "is not a weights file"),
     (["--load_model_path", "{weights}/two_columns.pth"], "groups=2 and 10 classes"),
     (["--load_model_path", "{weights}/five_classes.pth", "--train=False"], "groups=1 and 5 classes"),
+    (["--save", "."], "--save . is a folder: give a file path such as ./model.pth"),
+    (["--save", "{weights}/notes.txt/model.pth"], "/notes.txt/model.pth cannot be written ("),
+    (["--predict", "x.jpg", "--load_model_path", "{weights}/two_columns.pth", "--predict_json",
+      "{weights}/notes.txt/out.json"], "/notes.txt/out.json cannot be written ("),
 ]
 
 
