@@ -179,6 +179,12 @@ class Config:
     device: str = flag(
         "auto", "auto (GPU if there is one), cpu (forces the CPU) or cuda", choice("auto", "cpu", "cuda")
     )
+    cpu_threads: int | None = flag(
+        None,
+        "PyTorch threads per process on the CPU (default: OMP_NUM_THREADS, else every usable core; under accelerate "
+        "launch, which sets OMP_NUM_THREADS=1 itself, the usable cores divided by the processes on the node)",
+        optional_number(int, low=1),
+    )
     log_freq: int = flag(50, "optimizer steps between logged training losses", number(int, low=1))
     logger: str = flag("wandb", "tracker: wandb, tensorboard or none", choice("wandb", "tensorboard", "none"))
     fraction_of_data: float = flag(

@@ -22,6 +22,11 @@ from accelerate.utils import (
 
 from .config import UsageError
 
+# the processes on this node, as torchrun (and accelerate launch through it) or MPI say
+LOCAL_SIZE_VARIABLES = (
+    "LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"
+)
+
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays (1.26x measured)."""
@@ -47,6 +52,19 @@ def resolve_precision(requested: str, on_cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def cpu_threads(requested: int | None) -> int:
+    """--cpu_threads: the number asked for, else torch's own count (OMP_NUM_THREADS, else every usable core), but
+    under `accelerate launch`, which sets OMP_NUM_THREADS to 1 for a CPU-only job (a 2-core machine then trains on
+    one core), the usable cores shared among the processes on this node."""
+    if requested is not None:
+        return requested
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # set by accelerate launch (and read by resolve_precision)
+        return torch.get_num_threads()
+    local_processes = next((int(os.environ[name]) for name in LOCAL_SIZE_VARIABLES if name in os.environ), 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // local_processes)
+
+
 def start_processes(cfg) -> PartialState:
     """This launch's processes and their device (the process group, with several), before any decision is made."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -58,7 +76,9 @@ def start_processes(cfg) -> PartialState:
 def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
     """The Accelerator, once, with the run folder (`project_dir`: where TensorBoard writes) when there is one."""
     on_cpu = start_processes(cfg).device.type == "cpu"
-    if not on_cpu:
+    if on_cpu:
+        torch.set_num_threads(cpu_threads(cfg.cpu_threads))
+    else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         torch.backends.cuda.matmul.allow_tf32 = True
     dynamo = None
@@ -104,7 +124,10 @@ def breakdown(batch_size: int, num_processes: int, grad_accum_steps: int) -> str
 
 
 def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def _attempt(action, ranks: int):

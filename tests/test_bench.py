@@ -35,7 +35,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads((tmp_path / "bench.json").read_text())
-    assert figures["device"] == "CPU" and figures["batch_size"] == 16 and figures["windows"] == 2
+    assert figures["device"] == "CPU (1 thread)" and figures["batch_size"] == 16 and figures["windows"] == 2
     assert figures["flags"] == {"batch_size": 16, "val_size": 0.2, "init": "kaiming"}  # the flags reach the figures
     assert figures["cifar10_training_images"] == 40_000  # 50,000 less the 20% validation split
     default = figures["default_images_per_s"]

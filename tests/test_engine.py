@@ -1,3 +1,4 @@
+import os
 from functools import partial
 
 import pytest
@@ -175,6 +176,22 @@ def test_wandb_runs_online_with_credentials_offline_without_and_wandb_mode_wins(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert wandb_mode() == mode
+
+
+def test_cpu_threads_replace_the_single_thread_of_accelerate_launch(monkeypatch):
+    from alexnet_dist.runtime import LOCAL_SIZE_VARIABLES, cpu_threads
+
+    for name in ("ACCELERATE_MIXED_PRECISION", *LOCAL_SIZE_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # eight usable cores
+    assert cpu_threads(3) == 3  # the flag wins
+    assert cpu_threads(None) == torch.get_num_threads()  # not under accelerate launch: OMP_NUM_THREADS is kept
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch, which also set OMP_NUM_THREADS=1
+    assert cpu_threads(None) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three processes on this node share the cores
+    assert cpu_threads(None) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert cpu_threads(None) == 1 and cpu_threads(4) == 4
 
 
 @pytest.mark.parametrize("flags,native", [("fpu sse2 avx512f avx512_bf16 avx512_vnni", True),

@@ -6,6 +6,7 @@
 import hashlib
 import http.server
 import json
+import os
 import re
 import signal
 import subprocess
@@ -351,6 +352,8 @@ def test_accelerate_config_file_runs_and_an_explicit_precision_flag_wins(tmp_pat
         assert result.returncode == 0, result.stderr
         line = next(line for line in result.stdout.splitlines() if line.startswith("global batch"))
         assert "= 1 process(es)" in line and f"precision {flag};" in line, (config.name, line)
+        # accelerate launch set OMP_NUM_THREADS=1 (as it does for a CPU-only job); the run uses every usable core
+        assert f"CPU ({len(os.sched_getaffinity(0))} thread" in line, line
         printed(result.stdout)  # trained to the end
 
 
