@@ -175,6 +175,7 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
                 return cached["images"]
         except Exception:
             pass  # a damaged cache entry is rebuilt below
+
     def cannot_write(reason: str) -> UsageError:
         return UsageError(f"cannot write the decoded-image cache in {cache_dir} ({reason}): "
                           "give a writable folder with --cache_dir, or --cache_dir none")
