@@ -307,7 +307,7 @@ class Config:
     )
     num_workers: int | None = flag(
         None,
-        "DataLoader workers of the stream loader and of image decoding (default: one per core, at most 8)",
+        "DataLoader workers of the stream loader and of image decoding (default: one per usable core, at most 8)",
         optional_number(int, low=0),
     )
     # checkpoints

@@ -26,6 +26,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .config import UsageError
 from .files import atomic_write, unwritable_folder
+from .runtime import usable_cores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -115,7 +116,8 @@ class ImageFiles(Dataset):
 
 
 def worker_count(requested) -> int:
-    return min(8, os.cpu_count() or 1) if requested is None else requested
+    """--num_workers: the number asked for, else one per usable core, at most 8."""
+    return min(8, usable_cores()) if requested is None else requested
 
 
 def _stack_or_arrays(items: list):

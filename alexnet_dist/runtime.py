@@ -52,6 +52,12 @@ def resolve_precision(requested: str, on_cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a job scheduler or `taskset` may narrow), not
+    every core of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(requested: int | None) -> int:
     """--cpu_threads: the number asked for, else torch's own count (OMP_NUM_THREADS, else every usable core), but
     under `accelerate launch`, which sets OMP_NUM_THREADS to 1 for a CPU-only job (a 2-core machine then trains on
@@ -61,8 +67,7 @@ def cpu_threads(requested: int | None) -> int:
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # set by accelerate launch (and read by resolve_precision)
         return torch.get_num_threads()
     local_processes = next((int(os.environ[name]) for name in LOCAL_SIZE_VARIABLES if name in os.environ), 1)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable // local_processes)
+    return max(1, usable_cores() // local_processes)
 
 
 def start_processes(cfg) -> PartialState:

@@ -194,6 +194,16 @@ def test_cpu_threads_replace_the_single_thread_of_accelerate_launch(monkeypatch)
     assert cpu_threads(None) == 1 and cpu_threads(4) == 4
 
 
+def test_default_workers_are_one_per_usable_core_at_most_eight(monkeypatch):
+    from alexnet_dist.data import worker_count
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores, of which this process may use fewer
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert worker_count(None) == 3 and worker_count(0) == 0 and worker_count(5) == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert worker_count(None) == 8
+
+
 @pytest.mark.parametrize("flags,native", [("fpu sse2 avx512f avx512_bf16 avx512_vnni", True),
                                           ("fpu sse2 avx512f amx_bf16 amx_tile", True),
                                           ("fpu sse2 avx2 avx512f avx512_vnni", False)])
