@@ -46,7 +46,7 @@ def _number(name, value, kind, low=None, high=None, low_open=False, high_open=Fa
         number = kind(value)
         if kind is int and number != float(value):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinity, e.g. --batch_size 1e999
         raise UsageError(f"--{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
     if isinstance(number, float) and not math.isfinite(number):
         raise UsageError(f"--{name} must be a finite number, got {value!r}")
@@ -408,7 +408,7 @@ class Config:
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:
             self.save.format(time="x")
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError):  # AttributeError: {time.year}
             raise UsageError(f"--save {self.save!r}: the only placeholder allowed is {{time}}") from None
         if self.nesterov and self.momentum == 0:
             raise UsageError("--nesterov needs a momentum above 0 (--momentum), or pass --nesterov=False")

@@ -67,9 +67,11 @@ class UnreadableImage(Exception):
 def read_image(path) -> torch.Tensor:
     """One image file as uint8 RGB (3, H, W); UnreadableImage names the file otherwise."""
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception:
         pass
+    else:  # a 16-bit PNG decodes to uint16: scaled to 0-255 and rounded, not wrapped around
+        return image if image.dtype == torch.uint8 else ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
     try:
         with Image.open(path) as image:
             return pil_to_tensor(image.convert("RGB"))

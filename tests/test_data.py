@@ -3,9 +3,11 @@ import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from fake_cifar10 import CIFAR_CLASSES, cifar_members, md5_lists
+from PIL import Image
 from torchvision.io import write_jpeg, write_png
 
 from alexnet_dist import data as data_module
@@ -210,6 +212,16 @@ def test_folder_errors_name_the_problem(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(UsageError, match="bad.jpg"):
         load_data(folder_config(tmp_path / "broken"), CPU, writer=True)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_wrapped(tmp_path):
+    from alexnet_dist.data import read_image
+
+    levels = np.array([[0, 128, 129, 1000, 32896, 65535]], dtype=np.uint16)  # a 16-bit greyscale PNG
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    image = read_image(tmp_path / "deep.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 1, 6)
+    assert image[0, 0].tolist() == [0, 0, 1, 4, 128, 255]  # value * 255 / 65535, rounded: 1000 is 4, not 1000 % 256
 
 
 def test_cifar10_batches_on_disk_are_read_and_checked(tmp_path, monkeypatch):

@@ -65,6 +65,8 @@ BAD_INPUTS = [
     (["--std", "1,2,3,4"], "--std must be three numbers"),
     (["--num_epochs", "0"], "--num_epochs must be at least 1"),
     (["--batch_size", "abc"], "--batch_size must be an integer"),
+    (["--batch_size", "1e999"], "--batch_size must be an integer"),  # fire reads an infinity, int() overflows
+    (["--save", "{{time.year}}.pth"], "the only placeholder allowed is {time}"),
     (["--groups", "3"], "--groups must be one of 1, 2"),
     (["--device", "cuda"], "--device cuda: no GPU"),
     (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
