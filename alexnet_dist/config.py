@@ -118,8 +118,13 @@ def _optional_path(name, value):
 
 
 def _text(name, value):
-    if not isinstance(value, str) or not value:
-        raise UsageError(f"--{name} must be a non-empty text, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):  # Fire reads --data_dir 2024 as a number
+        return str(value)
+    if not isinstance(value, str):  # e.g. 1e3, which Fire reads as 1000.0: the text is lost
+        raise UsageError(f"--{name} must be a text, got {value!r}; quote a name Fire reads as a value: "
+                         f"--{name} \"'1e3'\"")
+    if not value:
+        raise UsageError(f"--{name} must be a non-empty text, got ''")
     return value
 
 

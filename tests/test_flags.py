@@ -24,6 +24,12 @@ def test_triples_booleans_and_defaults():
     assert parse_flags([]).to_dict() == {**DEFAULTS, "tags": ()}
 
 
+def test_names_that_fire_reads_as_numbers_stay_names():
+    cfg = parse_flags(["--data_dir", "2024", "--save", "5", "--project", "7", "--run_name", "12"])
+    assert (cfg.data_dir, cfg.save, cfg.project, cfg.run_name) == ("2024", "5", "7", "12")
+    assert parse_flags(["--data_dir", "'1e3'"]).data_dir == "1e3"  # quoted, as the error for 1e3 says
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -65,6 +71,7 @@ BAD_INPUTS = [
     (["--std", "1,2,3,4"], "--std must be three numbers"),
     (["--num_epochs", "0"], "--num_epochs must be at least 1"),
     (["--batch_size", "abc"], "--batch_size must be an integer"),
+    (["--data_dir", "1e3"], "--data_dir must be a text, got 1000.0; quote a name"),
     (["--batch_size", "1e999"], "--batch_size must be an integer"),  # fire reads an infinity, int() overflows
     (["--save", "{{time.year}}.pth"], "the only placeholder allowed is {time}"),
     (["--groups", "3"], "--groups must be one of 1, 2"),
