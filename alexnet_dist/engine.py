@@ -114,54 +114,78 @@ class Evaluator:
 
 class Meter:
     """The training loss and accuracy, summed on the device (read only at log points and epoch ends: reading is a
-    host synchronisation), and the first optimizer step whose loss was not finite."""
+    host synchronisation), and the first optimizer step whose loss was not finite.
+
+    window and epoch hold four sums: loss, correct predictions, micro-batches, images (since the last log point,
+    and over the epoch). Summed across ranks they give the figures whatever the number of processes, and a
+    checkpoint keeps them (`totals`, `restore`), so that a resumed run logs what an unbroken one would."""
 
     def __init__(self, accelerator):
         self.accelerator, device = accelerator, accelerator.device
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
-        self.window = torch.zeros(2, device=device)  # loss sum, correct predictions since the last log point
-        self.epoch = torch.zeros(2, device=device)  # the same, over the epoch
-        self.window_micro = self.window_images = self.epoch_micro = self.epoch_images = 0
-        self.epoch_started = time.perf_counter()
+        self.window = torch.zeros(4, device=device)
+        self.epoch = torch.zeros(4, device=device)
+        self.start_epoch()
 
     def start_epoch(self):
         self.epoch.zero_()
-        self.epoch_micro = self.epoch_images = 0
-        self.epoch_started = time.perf_counter()
+        self.timed_images, self.epoch_started = 0, time.perf_counter()  # this process's, for the speed
 
     def add(self, loss, logits, labels, step: int):
         """One micro-batch of optimizer step `step` (device operations only: no synchronisation)."""
         bad = ~torch.isfinite(loss)
         self.first_nonfinite = torch.where((self.first_nonfinite < 0) & bad, step, self.first_nonfinite)
         self.nonfinite_count += bad
-        both = torch.stack([loss.float(), (logits.argmax(dim=1) == labels).sum().float()])
-        self.window += both
-        self.epoch += both
-        self.window_micro, self.epoch_micro = self.window_micro + 1, self.epoch_micro + 1
-        self.window_images, self.epoch_images = self.window_images + len(labels), self.epoch_images + len(labels)
+        correct = (logits.argmax(dim=1) == labels).sum().float()
+        sums = torch.stack([loss.float(), correct, torch.ones_like(correct), torch.full_like(correct, len(labels))])
+        self.window += sums
+        self.epoch += sums
+        self.timed_images += len(labels)
 
     def images_per_second(self) -> float:
-        return self.epoch_images * self.accelerator.num_processes / max(time.perf_counter() - self.epoch_started, 1e-9)
+        return self.timed_images * self.accelerator.num_processes / max(time.perf_counter() - self.epoch_started, 1e-9)
+
+    def _means(self, sums) -> tuple:
+        """(mean loss per micro-batch, accuracy) of summed figures, across ranks (a synchronisation)."""
+        loss, correct, micro_batches, images = self.accelerator.reduce(sums.clone(), reduction="sum").tolist()
+        return loss / max(1.0, micro_batches), correct / max(1.0, images)
 
     def log_point(self) -> tuple:
         """(mean training loss, accuracy) since the last log point, across ranks (a synchronisation)."""
-        loss_sum, correct_sum = self.accelerator.reduce(self.window, reduction="sum").tolist()
-        ranks = self.accelerator.num_processes
-        values = loss_sum / max(1, self.window_micro * ranks), correct_sum / max(1, self.window_images * ranks)
+        values = self._means(self.window)
         self.window.zero_()
-        self.window_micro = self.window_images = 0
         return values
 
     def epoch_stats(self) -> dict:
-        loss_sum, correct_sum = self.accelerator.reduce(self.epoch, reduction="sum").tolist()
-        seconds, ranks = time.perf_counter() - self.epoch_started, self.accelerator.num_processes
+        train_loss, train_accuracy = self._means(self.epoch)
+        seconds = time.perf_counter() - self.epoch_started
         return {
-            "train_loss": loss_sum / max(1, self.epoch_micro * ranks),
-            "train_accuracy": correct_sum / max(1, self.epoch_images * ranks),
-            "images_per_second": self.epoch_images * ranks / seconds,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "images_per_second": self.timed_images * self.accelerator.num_processes / seconds,
             "epoch_seconds": seconds,
         }
+
+    def totals(self) -> dict:
+        """The sums across ranks, for a checkpoint (a synchronisation)."""
+        window, epoch = (self.accelerator.reduce(sums.clone(), reduction="sum").tolist()
+                         for sums in (self.window, self.epoch))
+        first, count = self.nonfinite()
+        return {"window": window, "epoch": epoch, "first_nonfinite": first, "nonfinite_count": count}
+
+    def restore(self, totals: dict, epoch: bool):
+        """A checkpoint's sums back on the main process (zeros on the others: the sums across ranks are the saved
+        ones, whatever the number of processes now): the log window and non-finite record, or (epoch=True, after
+        start_epoch) the sums of the epoch the checkpoint fell in."""
+        main = self.accelerator.is_main_process
+        if epoch:
+            self.epoch.copy_(torch.tensor(totals["epoch"]) if main else torch.zeros(4))
+            return
+        self.window.copy_(torch.tensor(totals["window"]) if main else torch.zeros(4))
+        first = totals["first_nonfinite"]
+        self.first_nonfinite.fill_(-1 if first is None else first)
+        self.nonfinite_count.fill_(totals["nonfinite_count"] if main else 0)
 
     def nonfinite(self) -> tuple:
         """(first optimizer step with a non-finite loss on any rank, or None; how many micro-batches had one).

@@ -74,6 +74,8 @@ class Run:
         self.checkpoints.clean(newer_than=state["global_step"])  # only once the resumed one has loaded
         self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
         self.best = state.get("best_val_accuracy")
+        if "meter" in state:  # older checkpoints lack it: figures then count only the steps after it
+            self.trainer.meter.restore(state["meter"], epoch=False)
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.trainer.global_step)
 
@@ -100,6 +102,8 @@ class Run:
         """The optimizer step of `epoch` to start from: 0, or where the resumed run left off."""
         self.epoch = epoch
         self.step_in_epoch = self.start_step if epoch == self.start_epoch else 0
+        if self.step_in_epoch and "meter" in self.plan.state:  # the epoch's figures count its steps before the stop
+            self.trainer.meter.restore(self.plan.state["meter"], epoch=True)
         self.bar = tqdm(
             total=self.trainer.loader.steps_per_epoch - self.step_in_epoch,
             leave=False,
@@ -252,6 +256,7 @@ class Run:
                     "classes": self.data.classes,
                     "num_train": len(self.data.train),
                     "stamp": self.plan.stamp,
+                    "meter": self.trainer.meter.totals(),  # the log window's and the epoch's sums so far
                 }
             )
         self.saved_at = time.perf_counter()
