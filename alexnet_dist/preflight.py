@@ -1,8 +1,9 @@
 """Everything that can fail before training, decided once: the run's plan, the same on every rank.
 
-The main process goes first: it downloads and caches the data, reads the weights to start from,
-chooses and checks the checkpoint to resume, names the run folder and checks that `--save` can be
-written. Its decisions reach every rank in one broadcast; then each rank loads its own copy of the
+The main process goes first: it reads the weights to start from, lists the data (downloading
+CIFAR-10), checks the weights against it, chooses and checks the checkpoint to resume and checks
+that `--save` can be written; only then does it decode and cache a folder's images and create the
+run folder. Its decisions reach every rank in one broadcast; then each rank loads its own copy of the
 data (from the cache the main process wrote). A bad input anywhere stops every rank with one line,
 before anything is written. After `preflight` the code is rank-agnostic.
 """
@@ -87,18 +88,23 @@ def decide(cfg: Config, state, precision: str) -> tuple:
     if decided.train:
         check_logger(decided.logger)
     micro_batch_size(decided.batch_size, state.num_processes, decided.grad_accum_steps)
-    data = load_data(decided, state.device, writer=True)
-    stream = streams(data.train, decided)  # --loader stream streams images in memory too
-    use_cuda_graphs(decided, state, precision, streaming=stream)
+    # the checks need only the classes and the splits' sizes: a folder's files are listed here, and decoded (and
+    # cached, minutes for 50,000 JPEGs) once every check has passed
+    listed = load_data(decided, state.device, writer=True, stream=True)
     if weights is not None:
         check_architecture(
-            weights, {"groups": decided.groups, "num_classes": len(data.classes)}, decided.load_model_path
+            weights, {"groups": decided.groups, "num_classes": len(listed.classes)}, decided.load_model_path
         )
-    if not decided.train:
-        if data.test is None and data.val is None:
-            raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
-        return Decision(cfg=decided, asked=cfg, stream=stream), (weights, data)
-    return Decision(cfg=decided, asked=cfg, stream=stream, **training_paths(decided, data)), (weights, data)
+    if not decided.train and listed.test is None and listed.val is None:
+        raise UsageError(f"{decided.data_dir} has no test split and --val_size 0 leaves nothing to evaluate on")
+    paths = training_paths(decided, listed) if decided.train else {}
+    data = load_data(decided, state.device, writer=True) if decided.dataset == "folder" else listed
+    stream = streams(data.train, decided)  # --loader stream streams images in memory too
+    use_cuda_graphs(decided, state, precision, streaming=stream)
+    if decided.train:  # the last step, as it creates the folder: the resumed run's, or a new one
+        resumed = paths["resume_from"]
+        paths["run_dir"] = resumed.parent.parent if resumed else new_run_dir(decided, paths["stamp"])
+    return Decision(cfg=decided, asked=cfg, stream=stream, **paths), (weights, data)
 
 
 def check_same_flags(mine: Config, main: Config, rank: int):
@@ -116,13 +122,12 @@ def check_same_flags(mine: Config, main: Config, rank: int):
 
 
 def training_paths(cfg: Config, data: Data) -> dict:
-    """The checkpoint to resume (checked against this run), the run folder and the weights path."""
+    """The checkpoint to resume (checked against this run) and the weights path; the run folder comes last."""
     resume_from, state = choose(cfg, data) if cfg.resume else (None, None)
     stamp = state["stamp"] if state else time.strftime("%Y%m%d-%H%M%S")
     save_path = Path(cfg.save.format(time=stamp))
     check_writable("--save", save_path)
-    run_dir = resume_from.parent.parent if state else new_run_dir(cfg, stamp)  # the last check: it creates the folder
-    return {"stamp": stamp, "run_dir": run_dir, "save_path": save_path, "resume_from": resume_from, "state": state}
+    return {"stamp": stamp, "save_path": save_path, "resume_from": resume_from, "state": state}
 
 
 def new_run_dir(cfg: Config, stamp: str) -> Path:

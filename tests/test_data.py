@@ -201,6 +201,36 @@ def test_unwritable_cache_folder_is_refused_before_decoding(tmp_path, monkeypatc
     assert not (tmp_path / "blocker").is_dir()
 
 
+def test_bad_flags_of_a_folder_run_are_refused_before_any_image_is_decoded(tmp_path, monkeypatch, capsys):
+    """--save, --resume and --load_model_path are checked on the file list: a folder of 50,000 JPEGs is not
+    decoded, nor its cache written, for a run that is then refused."""
+    from alexnet_dist.checkpoint import save_weights
+    from alexnet_dist.cli import main
+    from alexnet_dist.model import alexnet
+
+    write_folder(tmp_path / "images", "train")
+    (tmp_path / "notes.txt").write_text("")
+    save_weights(tmp_path / "five.pth", alexnet(num_classes=5), {}, list("abcde"))  # this folder has 2 classes
+
+    def no_decoding(*args):
+        raise AssertionError("decoded the images before refusing the flags")
+
+    monkeypatch.setattr(data_module, "_decode_all", no_decoding)
+    monkeypatch.chdir(tmp_path)
+    folder = ["--dataset", "folder", "--data_dir", "images", "--logger", "none", "--batch_size", "2", "--val_size",
+              "0"]
+    for flags, message in [
+        (["--save", "notes.txt/model.pth"], "notes.txt/model.pth cannot be written"),
+        (["--resume", "nowhere"], "--resume nowhere"),
+        (["--load_model_path", "five.pth"], "groups=1 and 5 classes"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(folder + flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["five.pth", "images", "notes.txt"]  # no run folder
+    assert os.listdir(tmp_path / "images") == ["train"]  # no cache
+
+
 def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_data(folder_config(tmp_path / "missing"), CPU, writer=True)
