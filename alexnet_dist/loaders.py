@@ -103,8 +103,11 @@ class StreamLoader(DeviceLoader):
 
     def _batches(self, order_slices):
         batches = [index.tolist() for index in order_slices]
+        # a generator of its own: a DataLoader seeds its workers from the global one otherwise, where dropout on
+        # the CPU draws (and decoding and resizing draw nothing)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator())
         for indices, (images, readable) in zip(batches, loader):
             if not readable.all():  # a black image stands in; every rank stops at the epoch's end
                 self.unreadable += [self.dataset.files[i] for i, ok in zip(indices, readable.tolist()) if not ok]

@@ -44,6 +44,17 @@ def test_labels_stay_aligned_after_augmentation(stream):
         assert torch.equal(decoded, labels)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_loading_leaves_the_global_random_state_to_dropout(stream):
+    """On the CPU, dropout draws from the global generator: a loader that drew from it too (a DataLoader seeds its
+    workers so) would shift the masks of a run resumed mid-epoch against an unbroken one."""
+    loader = loader_for(label_coded(), stream=stream)
+    before = torch.get_rng_state()
+    list(loader.train_epoch(0, 2))  # from step 2, as a resumed run
+    list(loader.eval_batches(32))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_crops_and_flips_match_slicing():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 12, 10), dtype=torch.uint8)
