@@ -6,7 +6,7 @@
 One line per run: its folder, the whole command's time (`time/total`), the final validation accuracy in
 the three test-time modes (centre / flip / ten views) and the last epoch's training accuracy (measured
 on augmented images, dropout on). Then, for every name with more than one seed, the mean and the
-spread (max - min) of the ten-view figure.
+spread (max - min) of each test-time mode.
 """
 
 import json
@@ -29,17 +29,20 @@ def figures(folder: Path) -> dict:
 
 def main(names: list) -> None:
     folders = [HERE / name for name in names] or sorted(path.parent for path in HERE.glob("*_seed*/metrics.jsonl"))
-    ten = defaultdict(list)
+    seeds = defaultdict(list)
     for folder in folders:
         got = figures(folder)
         centre, flip, ten_views = got["modes"]
         print(f"{folder.name}: {got['epochs']} epochs, {got['wall']:,.0f} s, validation {centre:.2f} / {flip:.2f} / "
               f"{ten_views:.2f}% (centre / flip / ten), training accuracy {got['train']:.2f}%")
-        ten[folder.name.rsplit("_seed", 1)[0]].append(ten_views)
-    for name, values in ten.items():
-        if len(values) > 1:
-            print(f"{name}: {len(values)} seeds, ten views mean {statistics.mean(values):.2f}%, "
-                  f"spread {max(values) - min(values):.2f} points")
+        seeds[folder.name.rsplit("_seed", 1)[0]].append(got["modes"])
+    for name, runs in seeds.items():
+        if len(runs) > 1:
+            modes = [
+                f"{mode} mean {statistics.mean(values):.2f}%, spread {max(values) - min(values):.2f}"
+                for mode, values in zip(("centre", "flip", "ten views"), zip(*runs))
+            ]
+            print(f"{name}: {len(runs)} seeds, " + "; ".join(modes) + " points")
 
 
 if __name__ == "__main__":
