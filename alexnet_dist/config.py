@@ -10,6 +10,7 @@ resumed run must keep are all read off its fields. The tracker and every checkpo
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -135,8 +136,12 @@ def _texts(name, value):
 
 
 def _paths(name, value):
+    """Fire hands `[a.jpg,b.png]` or `a.jpg,b.png` over as one string (names with dots are not literals to it):
+    split it, as other lists, unless the whole text names an existing file or folder (a name with a comma)."""
     if value in (None, ""):
         return ()
+    if isinstance(value, str) and not os.path.exists(value):
+        value = _items(value)
     return tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value]) if str(item))
 
 

@@ -24,6 +24,18 @@ def test_triples_booleans_and_defaults():
     assert parse_flags([]).to_dict() == {**DEFAULTS, "tags": ()}
 
 
+def test_predict_takes_a_list_of_files_as_the_readme_writes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jpg", "b.png", "c,d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    weights = ["--load_model_path", "model.pth"]
+    for given in (["--predict", "[a.jpg,b.png]"], ["--predict", "a.jpg,b.png"], ["--predict", "a.jpg, b.png"],
+                  ["--predict=[a.jpg,b.png]"], ["--predict", '["a.jpg","b.png"]']):
+        assert parse_flags(given + weights).predict == ("a.jpg", "b.png"), given
+    assert parse_flags(["--predict", "c,d.jpg"] + weights).predict == ("c,d.jpg",)  # an existing name with a comma
+    assert parse_flags(["--predict", "photos/"] + weights).predict == ("photos/",)
+
+
 def test_names_that_fire_reads_as_numbers_stay_names():
     cfg = parse_flags(["--data_dir", "2024", "--save", "5", "--project", "7", "--run_name", "12"])
     assert (cfg.data_dir, cfg.save, cfg.project, cfg.run_name) == ("2024", "5", "7", "12")
