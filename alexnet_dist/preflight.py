@@ -86,7 +86,7 @@ def decide(cfg: Config, state, precision: str) -> tuple:
             check_writable("--predict_json", Path(decided.predict_json))
         return Decision(cfg=decided, asked=cfg, predict_paths=tuple(image_paths(decided.predict))), (weights, None)
     if decided.train:
-        check_logger(decided.logger)
+        check_logger(decided.logger, decided.project, decided.tags)
     micro_batch_size(decided.batch_size, state.num_processes, decided.grad_accum_steps)
     # the checks need only the classes and the splits' sizes: a folder's files are listed here, and decoded (and
     # cached, minutes for 50,000 JPEGs) once every check has passed

@@ -30,8 +30,26 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
 
 
-def check_logger(logger: str):
-    """Fail before anything is written when the chosen tracker's package is missing."""
+WANDB_PROJECT_FORBIDS = "/\\#?%:"  # W&B's rules (wandb.Settings): a project name of at most 128 characters
+WANDB_MAX_TAG = 64  # without these, and tags of 1 to 64 characters
+
+
+def check_logger(logger: str, project: str = "", tags: tuple = ()):
+    """Fail before anything is written when the chosen tracker's package is missing, or W&B would refuse the
+    project or a tag (it raises only once the run has started)."""
+    if logger == "wandb":
+        found = sorted({char for char in project if char in WANDB_PROJECT_FORBIDS})
+        if found or len(project) > 128:
+            forbidden = " ".join(WANDB_PROJECT_FORBIDS)
+            raise UsageError(
+                f"--project {project!r}: W&B takes at most 128 characters and none of {forbidden} "
+                f"(found {' '.join(found) or f'{len(project)} characters'}); the team or user goes in WANDB_ENTITY"
+            )
+        for tag in tags:
+            if len(tag) > WANDB_MAX_TAG:
+                raise UsageError(
+                    f"--tags {tag!r}: W&B takes tags of at most {WANDB_MAX_TAG} characters, got {len(tag)}"
+                )
     packages = {
         "wandb": ("wandb", "pip install wandb"),
         "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),

@@ -36,6 +36,26 @@ def test_predict_takes_a_list_of_files_as_the_readme_writes_it(tmp_path, monkeyp
     assert parse_flags(["--predict", "photos/"] + weights).predict == ("photos/",)
 
 
+@pytest.mark.parametrize("project,tags", [("team/alexnet", ()), ("a:b", ()), ("p" * 128, ()), ("p" * 129, ()),
+                                          ("alexnet-cifar10", ("x" * 64,)), ("alexnet-cifar10", ("x" * 65,))])
+def test_wandb_project_and_tags_are_refused_exactly_when_wandb_refuses_them(project, tags):
+    """The check runs before anything is written; W&B itself refuses only in wandb.init, after the run folder."""
+    import wandb
+
+    from alexnet_dist.config import UsageError
+    from alexnet_dist.tracking import check_logger
+
+    def refused(check) -> bool:
+        try:
+            check()
+        except (UsageError, wandb.errors.UsageError, ValueError):  # pydantic's ValidationError is a ValueError
+            return True
+        return False
+
+    assert refused(lambda: check_logger("wandb", project, tags)) == refused(
+        lambda: wandb.Settings(project=project, run_tags=tags))
+
+
 def test_names_that_fire_reads_as_numbers_stay_names():
     cfg = parse_flags(["--data_dir", "2024", "--save", "5", "--project", "7", "--run_name", "12"])
     assert (cfg.data_dir, cfg.save, cfg.project, cfg.run_name) == ("2024", "5", "7", "12")
@@ -83,6 +103,8 @@ BAD_INPUTS = [
     (["--std", "1,2,3,4"], "--std must be three numbers"),
     (["--num_epochs", "0"], "--num_epochs must be at least 1"),
     (["--batch_size", "abc"], "--batch_size must be an integer"),
+    (["--logger", "wandb", "--project", "team/alexnet"], "--project 'team/alexnet': W&B takes at most 128 characters"),
+    (["--logger", "wandb", "--tags", "ok," + "x" * 65], "W&B takes tags of at most 64 characters, got 65"),
     (["--data_dir", "1e3"], "--data_dir must be a text, got 1000.0; quote a name"),
     (["--batch_size", "1e999"], "--batch_size must be an integer"),  # fire reads an infinity, int() overflows
     (["--save", "{{time.year}}.pth"], "the only placeholder allowed is {time}"),
