@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .clock import clock
-from .config import Config, UsageError, load_recipe
+from .config import Config, UsageError, from_fire, number, optional_number
 from .data import ImageSet
-from .files import write_text
+from .files import check_writable, write_text
 from .loaders import streams
 from .model import alexnet
 from .runtime import build_accelerator, device_name, micro_batch_size
@@ -171,8 +171,12 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         json_path: also write the figures to this JSON file.
         flags: training flags for (b) and (c), e.g. --batch_size 256 --compile true --recipe R.yaml.
     """
-    recipe = load_recipe(flags["recipe"]) if flags.get("recipe") else None
-    cfg = Config.from_flags({**flags, "logger": "none", "dataset": "fake", "num_epochs": windows + 2}, base=recipe)
+    steps = optional_number(int, low=1)("steps", steps)
+    windows = number(int, low=1)("windows", windows)
+    seed_workers = number(int, low=0)("seed_workers", seed_workers)
+    if json_path:  # now, not after the measurement
+        check_writable("--json_path", str(json_path))
+    cfg = from_fire(flags, logger="none", dataset="fake", num_epochs=windows + 2)
     train_images = round(cfg.fraction_of_data * (CIFAR_IMAGES - round(cfg.val_size * CIFAR_IMAGES)))
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
     steps = steps or (50 if on_gpu else 8)

@@ -13,7 +13,7 @@ import fire
 import torch
 
 from .clock import clock
-from .config import FIELDS, Config, UsageError, help_text, load_recipe
+from .config import Config, UsageError, from_fire, help_text
 from .predict import predict
 from .preflight import preflight
 from .run import Run
@@ -37,12 +37,7 @@ def parse_flags(argv: list) -> Config:
         given.update(flags)
 
     fire.Fire(train, command=argv, name="train.py")
-    for name in list(given):  # Fire reads a bare --noflip as noflip=True
-        if name.startswith("no") and name[2:] in FIELDS and given[name] is True:
-            given[name[2:]] = False
-            del given[name]
-    recipe = load_recipe(given["recipe"]) if given.get("recipe") else None
-    return Config.from_flags(given, base=recipe)
+    return from_fire(given)
 
 
 def run(cfg: Config):

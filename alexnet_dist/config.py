@@ -478,6 +478,18 @@ def load_recipe(path) -> dict:
     return {**values, "recipe": str(path)}
 
 
+def from_fire(given: dict, **fixed) -> Config:
+    """The Config of the keyword arguments Fire parsed (it reads a bare --noflip as noflip=True) over the values of
+    their --recipe file; `fixed`: values that override both (the benchmark's)."""
+    given = dict(given)
+    for name in list(given):
+        if name.startswith("no") and name[2:] in FIELDS and given[name] is True:
+            given[name[2:]] = False
+            del given[name]
+    recipe = load_recipe(given["recipe"]) if given.get("recipe") else None
+    return Config.from_flags({**given, **fixed}, base=recipe)
+
+
 def learning_changes(saved: dict, cfg: Config) -> list:
     """'name: old -> new' for every flag of WHAT_IS_LEARNED that differs from a saved configuration (a flag newer
     than the checkpoint counts as its default: new flags default to what the code did before them)."""

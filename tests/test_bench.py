@@ -1,6 +1,7 @@
 """A smoke run of the benchmark: a few steps, figures written and plausible (not a timing test)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,16 +47,35 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
     assert "b/a = " in result.stdout and "where the" in result.stdout
 
 
-def test_bench_refuses_bad_flags_in_one_line(tmp_path):
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--windows", "0"], "--windows must be at least 1, got 0"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--seed_workers", "-1"], "--seed_workers must be at least 0, got -1"),
+    (["--json_path", "notes.txt/bench.json"], "--json_path notes.txt/bench.json cannot be written ("),
+    (["--noflip", "--windows", "0"], "--windows must be at least 1"),  # --noflip is a training flag here too
+])
+def test_bench_refuses_bad_flags_in_one_line(argv, message, tmp_path):
+    (tmp_path / "notes.txt").write_text("")
     result = subprocess.run(
-        [sys.executable, "-m", "alexnet_dist.bench", "--batch_size", "0"],
+        [sys.executable, "-m", "alexnet_dist.bench", *argv],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 2 and result.stderr.strip() == "error: --batch_size must be at least 1, got 0"
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {message}"), result.stderr
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_bench_takes_the_training_flags_as_train_py_does():
+    from alexnet_dist.cli import parse_flags
+    from alexnet_dist.config import from_fire
+
+    assert from_fire({"noflip": True, "batch_size": 64}).flip is False
+    assert from_fire({"noflip": True}, dataset="fake").to_dict() == parse_flags(["--noflip", "--dataset", "fake"]
+                                                                                  ).to_dict()
 
 
 def test_a_ratio_whose_windows_reach_across_one_is_called_inconclusive(capsys):
