@@ -46,7 +46,7 @@ LOG_TAIL = 200_000  # characters of each log kept in the archive
 
 
 class Session:
-    """Stages with time limits, a summary rewritten after each one, one archive at the end."""
+    """Stages with time limits; the summary and the archive are rewritten after each one."""
 
     def __init__(self, out, work="/tmp/gpu_session", budget=270.0, rehearse=False, data_dir="data/cifar10-jpeg",
                  run_timeout=None, parallel=4):
