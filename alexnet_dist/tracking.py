@@ -30,8 +30,8 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
 
 
-WANDB_PROJECT_FORBIDS = "/\\#?%:"  # W&B's rules (wandb.Settings): a project name of at most 128 characters
-WANDB_MAX_TAG = 64  # without these, and tags of 1 to 64 characters
+# W&B's rules (wandb.Settings): a project name of at most 128 characters, none of these, and tags of 1 to 64
+WANDB_PROJECT_FORBIDS, WANDB_MAX_PROJECT, WANDB_MAX_TAG = "/\\#?%:", 128, 64
 
 
 def check_logger(logger: str, project: str = "", tags: tuple = ()):
@@ -39,10 +39,10 @@ def check_logger(logger: str, project: str = "", tags: tuple = ()):
     project or a tag (it raises only once the run has started)."""
     if logger == "wandb":
         found = sorted({char for char in project if char in WANDB_PROJECT_FORBIDS})
-        if found or len(project) > 128:
+        if found or len(project) > WANDB_MAX_PROJECT:
             forbidden = " ".join(WANDB_PROJECT_FORBIDS)
             raise UsageError(
-                f"--project {project!r}: W&B takes at most 128 characters and none of {forbidden} "
+                f"--project {project!r}: W&B takes at most {WANDB_MAX_PROJECT} characters and none of {forbidden} "
                 f"(found {' '.join(found) or f'{len(project)} characters'}); the team or user goes in WANDB_ENTITY"
             )
         for tag in tags:
