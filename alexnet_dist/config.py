@@ -353,6 +353,18 @@ class Config:
         lambda name, value: int(choice("1", "2")(name, value)),
         learned=True,
     )
+    parallel: str = flag(
+        "data",
+        "how processes share the work: data (each trains a whole copy, gradients all-reduced: DDP) or columns (the "
+        "paper's split: each process of a pair holds one column of --groups 2, pairs data-parallel)",
+        choice("data", "columns"),
+    )
+    lrn_alpha: float = flag(
+        1e-4,
+        "alpha of the local response normalisation after conv1 and conv2 (the paper's 1e-4, set for 0-255 pixels)",
+        number(float, low=0.0),
+        learned=True,
+    )
     compile: str = flag(
         "false",
         "torch.compile the model: false, true (default mode), max-autotune, or reduce-overhead "
@@ -414,6 +426,11 @@ class Config:
                 f"--first_linear_once needs crops of at most {MAX_SINGLE_POSITION} pixels (where conv5 leaves a 1x1 "
                 f"map), got --random_crop {_size(self.random_crop)}"
             )
+        if self.parallel == "columns" and self.groups != 2:
+            raise UsageError("--parallel columns splits the paper's two-column network over a pair of processes: "
+                             "add --groups 2")
+        if self.parallel == "columns" and self.ema:
+            raise UsageError("--parallel columns does not keep a weight average yet: leave --ema at 0")
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:

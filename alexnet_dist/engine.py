@@ -120,8 +120,10 @@ class Meter:
     and over the epoch). Summed across ranks they give the figures whatever the number of processes, and a
     checkpoint keeps them (`totals`, `restore`), so that a resumed run logs what an unbroken one would."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, replicas: int | None = None):
         self.accelerator, device = accelerator, accelerator.device
+        # the processes that train on different images (the two processes of a pair of columns share theirs)
+        self.replicas = replicas or accelerator.num_processes
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
         self.window = torch.zeros(4, device=device)
@@ -144,7 +146,7 @@ class Meter:
         self.timed_images += len(labels)
 
     def images_per_second(self) -> float:
-        return self.timed_images * self.accelerator.num_processes / max(time.perf_counter() - self.epoch_started, 1e-9)
+        return self.timed_images * self.replicas / max(time.perf_counter() - self.epoch_started, 1e-9)
 
     def _means(self, sums) -> tuple:
         """(mean loss per micro-batch, accuracy) of summed figures, across ranks (a synchronisation)."""
@@ -163,7 +165,7 @@ class Meter:
         return {
             "train_loss": train_loss,
             "train_accuracy": train_accuracy,
-            "images_per_second": self.timed_images * self.accelerator.num_processes / seconds,
+            "images_per_second": self.timed_images * self.replicas / seconds,
             "epoch_seconds": seconds,
         }
 

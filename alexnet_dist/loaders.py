@@ -24,10 +24,11 @@ class DeviceLoader:
     unreadable = ()  # files that could not be decoded (stream loader only)
 
     def __init__(self, imageset: ImageSet, augmentation: Augmentation, device, resize, batch_size: int,
-                 micro_batch: int, rank: int, world: int, plan):
+                 micro_batch: int, rank: int, world: int, plan, counts: bool = True):
         self.augmentation, self.device, self.resize = augmentation, device, tuple(resize)
         self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
         self.plan = plan  # epoch -> EpochPlan
+        self.counts = counts  # whether this process's evaluation counts (of a pair of columns, one does)
         self.index_device = self._index_device(device)  # where `_batches` takes its image indices
         self.accum = batch_size // (micro_batch * world)
         self.labels = imageset.labels.to(device)
@@ -83,7 +84,7 @@ class DeviceLoader:
         chunks = padded.split(batch_size)
         index_chunks = [chunk.to(self.index_device) for chunk in chunks]
         for number, (chunk, images) in enumerate(zip(chunks, self._batches(index_chunks))):
-            valid = max(0, min(batch_size, len(shard) - number * batch_size))
+            valid = max(0, min(batch_size, len(shard) - number * batch_size)) if self.counts else 0
             yield images, self.labels[chunk.to(self.device)], valid
 
 
@@ -114,13 +115,14 @@ class StreamLoader(DeviceLoader):
             yield images.to(self.device, non_blocking=True)
 
 
-def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int):
-    """This rank's loader of `imageset`; `cfg` gives resize, random_crop, flip, seed, translate, pca_color,
-    batch_size, loader and num_workers."""
+def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int,
+                counts: bool = True):
+    """Share `rank` of `world` of `imageset` (columns.data_shard); `cfg` gives resize, random_crop, flip, seed,
+    translate, pca_color, batch_size, loader and num_workers."""
     plan = partial(draw_plan, len(imageset), cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,
                    translate=cfg.translate, colour_std=cfg.pca_color)
     common = dict(device=device, resize=cfg.resize, batch_size=cfg.batch_size, micro_batch=micro_batch, rank=rank,
-                  world=world, plan=plan)
+                  world=world, plan=plan, counts=counts)
     if not streams(imageset, cfg):
         return DeviceLoader(imageset, augmentation, **common)
     return StreamLoader(imageset, augmentation, num_workers=worker_count(cfg.num_workers), **common)

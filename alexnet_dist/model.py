@@ -43,9 +43,44 @@ MAX_SINGLE_POSITION = 94  # the largest input side for which conv5 leaves a 1x1 
 COLUMN_WIDTHS = {1: (64, 192, 384, 256, 256), 2: (96, 256, 384, 384, 256)}
 
 
+def conv5_side(side: int) -> int:
+    """The side of conv5's map for an input side (conv1 11/4 padded 2, then three 3/2 poolings)."""
+    side = (side + 2 * 2 - 11) // 4 + 1
+    for _ in range(3):  # the poolings after conv1 and conv2 (conv2 to conv5 keep the size) and after conv5
+        side = (side - 3) // 2 + 1
+    return side
+
+
+def pooled_copies(crop) -> int:
+    """How many times the 6x6 average pooling repeats each value of conv5's map before the first linear layer, at
+    crops where that map divides 6 evenly (36 for crops up to 94, where the map is 1x1); otherwise 1."""
+    height, width = conv5_side(crop[0]), conv5_side(crop[1])
+    return 36 // (height * width) if 6 % height == 0 and 6 % width == 0 else 1
+
+
+class ColumnNorm(nn.LocalResponseNorm):
+    """Local response normalisation within each column: the paper normalised over the kernels of one GPU, so with
+    two columns a map's neighbours in the other column do not count."""
+
+    def __init__(self, groups: int, alpha: float):
+        super().__init__(size=5, alpha=alpha, beta=0.75, k=2.0)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.chunk(self.groups, dim=1)
+        return torch.cat([nn.functional.local_response_norm(part, self.size, self.alpha, self.beta, self.k)
+                          for part in parts], dim=1)
+
+
+def fold_positions(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """The first linear layer's weight over `channels` x 36 pooled copies, summed over the copies: the same layer
+    applied once to a 1x1 map."""
+    return weight.unflatten(1, (channels, 36)).sum(dim=-1)
+
+
 class AlexNet(nn.Module):
     def __init__(self, num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch",
-                 first_linear_once: bool = False):
+                 first_linear_once: bool = False, lrn_alpha: float = 1e-4):
         super().__init__()
         self.first_linear_once = first_linear_once
         if groups not in COLUMN_WIDTHS:
@@ -54,11 +89,11 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),
             nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            ColumnNorm(groups, lrn_alpha),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=groups),
             nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            ColumnNorm(groups, lrn_alpha),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(c2, c3, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -114,17 +149,16 @@ class AlexNet(nn.Module):
 
     def _classify_single_position(self, x: torch.Tensor) -> torch.Tensor:
         dropout, first, *rest = self.classifier  # one mask per feature (inactive in evaluation)
-        folded = first.weight.unflatten(1, (x.shape[1], 36)).sum(dim=-1)
-        x = nn.functional.linear(dropout(x), folded, first.bias)
+        x = nn.functional.linear(dropout(x), fold_positions(first.weight, x.shape[1]), first.bias)
         for layer in rest:
             x = layer(x)
         return x
 
 
 def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: str = "pytorch",
-            first_linear_once: bool = False) -> AlexNet:
+            first_linear_once: bool = False, lrn_alpha: float = 1e-4) -> AlexNet:
     return AlexNet(num_classes=num_classes, groups=groups, dropout=dropout, init=init,
-                   first_linear_once=first_linear_once)
+                   first_linear_once=first_linear_once, lrn_alpha=lrn_alpha)
 
 
 def architecture(model: AlexNet) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import check_architecture, read_weights
+from .columns import replicas
 from .config import Config, UsageError
 from .data import Data, load_data
 from .files import check_writable
@@ -69,12 +70,17 @@ def preflight(cfg: Config, state) -> Plan:
             return Plan(cfg=run_cfg, weights=weights, predict_paths=decision.predict_paths)
         data = data or load_data(run_cfg, state.device, writer=False, stream=decision.stream)
         return Plan(cfg=run_cfg, weights=weights, data=data,
-                    micro_batch=micro_batch_size(run_cfg.batch_size, state.num_processes, run_cfg.grad_accum_steps),
+                    micro_batch=batch_share(run_cfg, state.num_processes),
                     graphs=run_cfg.train and use_cuda_graphs(run_cfg, state, precision, streaming=decision.stream),
                     stamp=decision.stamp, run_dir=decision.run_dir, save_path=decision.save_path,
                     resume_from=decision.resume_from, state=decision.state)
 
     return agreed(state, lambda: decide(cfg, state, precision), on_every_rank, undo=release)
+
+
+def batch_share(cfg: Config, num_processes: int) -> int:
+    """Images per micro-batch of each replica; UsageError if the processes or the batch do not split."""
+    return micro_batch_size(cfg.batch_size, replicas(cfg.parallel, num_processes), cfg.grad_accum_steps, cfg.parallel)
 
 
 def decide(cfg: Config, state, precision: str) -> tuple:
@@ -87,7 +93,7 @@ def decide(cfg: Config, state, precision: str) -> tuple:
         return Decision(cfg=decided, asked=cfg, predict_paths=tuple(image_paths(decided.predict))), (weights, None)
     if decided.train:
         check_logger(decided.logger, decided.project, decided.tags)
-    micro_batch_size(decided.batch_size, state.num_processes, decided.grad_accum_steps)
+    batch_share(decided, state.num_processes)
     # the checks need only the classes and the splits' sizes: a folder's files are listed here, and decoded (and
     # cached, minutes for 50,000 JPEGs) once every check has passed
     listed = load_data(decided, state.device, writer=True, stream=True)

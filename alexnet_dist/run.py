@@ -83,7 +83,7 @@ class Run:
         cfg, accelerator, data = self.cfg, self.accelerator, self.data
         self.print("configuration: " + " ".join(f"{name}={value}" for name, value in self.config.items()))
         self.print(
-            f"{breakdown(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)}; "
+            f"{breakdown(cfg.batch_size, self.trainer.loader.world, cfg.grad_accum_steps, cfg.parallel)}; "
             f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
             f"{', CUDA graphs' if self.trainer.graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
             f"{len(data.train)} training / {len(data.val) if data.val else 0} validation images, "
@@ -280,7 +280,7 @@ class Run:
         train_seconds = time.perf_counter() - self.started
         self.print(f"trained {self.cfg.num_epochs - self.start_epoch} epochs in {train_seconds:.1f} s")
         self.accelerator.wait_for_everyone()
-        unwrapped = self.accelerator.unwrap_model(self.trainer.model, keep_torch_compile=False)
+        unwrapped = self.trainer.whole_model()
         with clock.part("checkpoints"):
             self._save_weights(unwrapped)
         self.stop.restore()  # from here Ctrl-C stops the final report at once (the weights are saved)

@@ -110,20 +110,25 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
     )
 
 
-def micro_batch_size(batch_size: int, num_processes: int, grad_accum_steps: int) -> int:
-    shares = num_processes * grad_accum_steps
+def replica_unit(parallel: str) -> str:
+    return "pair(s) of column processes" if parallel == "columns" else "process(es)"
+
+
+def micro_batch_size(batch_size: int, replicas: int, grad_accum_steps: int, parallel: str = "data") -> int:
+    """Images per micro-batch of each replica (a process, or a pair of column processes: columns.replicas)."""
+    shares = replicas * grad_accum_steps
     if batch_size % shares:
         raise UsageError(
-            f"--batch_size {batch_size} does not split evenly into {num_processes} process(es) x "
+            f"--batch_size {batch_size} does not split evenly into {replicas} {replica_unit(parallel)} x "
             f"{grad_accum_steps} accumulation step(s): use a multiple of {shares}"
         )
     return batch_size // shares
 
 
-def breakdown(batch_size: int, num_processes: int, grad_accum_steps: int) -> str:
-    micro = batch_size // (num_processes * grad_accum_steps)
+def breakdown(batch_size: int, replicas: int, grad_accum_steps: int, parallel: str = "data") -> str:
+    micro = batch_size // (replicas * grad_accum_steps)
     return (
-        f"global batch {batch_size} = {num_processes} process(es) x {grad_accum_steps} accumulation step(s) "
+        f"global batch {batch_size} = {replicas} {replica_unit(parallel)} x {grad_accum_steps} accumulation step(s) "
         f"x {micro} images per micro-batch"
     )
 

@@ -13,6 +13,8 @@ from accelerate.utils import set_seed
 
 from .checkpoint import load_weights
 from .clock import clock
+from .columns import Column, data_shard, pair_up, share_optimizer_state, whole_model
+from .columns import prepare as prepare_column
 from .data import pixel_sample
 from .engine import Meter, NonfiniteGuard, build_average, build_optimizer, build_scheduler, evaluate
 from .loaders import make_loader
@@ -47,13 +49,18 @@ class Trainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def whole_model(self) -> torch.nn.Module:
+        """The ordinary network that was trained (under --parallel columns gathered from the pair: every rank calls
+        it)."""
+        return whole_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+
 
 def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None):
     """AlexNet with the seed's initial weights (the same on every rank) or `weights`; then each rank's own
     dropout stream (seeded from seed and rank; the data plan has its own generator)."""
     set_seed(cfg.seed)
     model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init,
-                    first_linear_once=cfg.first_linear_once)
+                    first_linear_once=cfg.first_linear_once, lrn_alpha=cfg.lrn_alpha)
     if weights is not None:
         load_weights(model, cfg.load_model_path, weights)
         accelerator.print(
@@ -78,15 +85,24 @@ def loader_factory(cfg, accelerator, micro_batch: int, train_set=None):
     augmentation = Augmentation(
         cfg.random_crop, cfg.mean, cfg.std, accelerator.device, basis, cfg.cutout, channels_last=on_gpu
     )
-    return lambda imageset: make_loader(
-        imageset,
-        augmentation,
-        accelerator.device,
-        cfg,
-        micro_batch,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
+    shard, shares, counts = data_shard(cfg.parallel, accelerator.process_index, accelerator.num_processes)
+    return lambda imageset: make_loader(imageset, augmentation, accelerator.device, cfg, micro_batch, shard, shares,
+                                        counts)
+
+
+def place(cfg, accelerator, model, optimizer: bool = True) -> tuple:
+    """(the model, its optimizer or None), prepared for the launch's layout: data-parallel through Accelerate, or
+    the paper's columns, one per process of a pair (columns.py). The one place the layout is chosen."""
+    if cfg.parallel == "data":
+        if not optimizer:
+            return accelerator.prepare(model), None
+        return accelerator.prepare(model, build_optimizer(model, cfg))
+    column = Column(model, pair_up(accelerator.device.type))
+    sgd = build_optimizer(column, cfg) if optimizer else None
+    if sgd is not None:
+        share_optimizer_state(sgd, column)
+        sgd = accelerator.prepare(sgd)
+    return prepare_column(column, accelerator, cfg.ddp_comm_hook), sgd
 
 
 def build_trainer(
@@ -96,10 +112,8 @@ def build_trainer(
     with clock.part("data"):
         make = loader_factory(cfg, accelerator, micro_batch, train_set)
         loader = make(train_set)
-    model = build_model(cfg, accelerator, num_classes, weights)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, loader.steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: stepped once per optimizer step
+    model, optimizer = place(cfg, accelerator, build_model(cfg, accelerator, num_classes, weights))
+    scheduler = build_scheduler(optimizer.optimizer, cfg, loader.steps_per_epoch)  # ours: once per optimizer step
     return Trainer(
         accelerator=accelerator,
         model=model,
@@ -109,7 +123,7 @@ def build_trainer(
         loader=loader,
         make_loader=make,
         average=build_average(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema),
-        meter=Meter(accelerator),
+        meter=Meter(accelerator, loader.world),
         guard=NonfiniteGuard(accelerator, cfg.skip_nonfinite),
         speedups=Speedups(accelerator, optimizer, graphs, compiled=cfg.compile != "false"),
         graphs=graphs,
@@ -193,11 +207,11 @@ class GivenBatches:
 def evaluate_saved(plan, accelerator):
     """--train=False: the saved weights on the test split (validation if there is none), overall and per class."""
     cfg, data = plan.cfg, plan.data
-    model = accelerator.prepare(build_model(cfg, accelerator, len(data.classes), plan.weights))
+    model, _ = place(cfg, accelerator, build_model(cfg, accelerator, len(data.classes), plan.weights), optimizer=False)
     split_name, imageset = ("test", data.test) if data.test is not None else ("validation", data.val)
     if data.test is None:
         accelerator.print(f"{data.test_note.split(':')[0]}: evaluating on the validation split instead")
     loader = loader_factory(cfg, accelerator, plan.micro_batch)(imageset)
     confusion = evaluate(model, loader, accelerator, len(data.classes), 2 * plan.micro_batch, (cfg.tta,))[cfg.tta]
     print_accuracy(accelerator.print, f"{split_name} (tta {cfg.tta})", confusion, data.classes)
-    return accelerator.unwrap_model(model)
+    return whole_model(accelerator.unwrap_model(model))
