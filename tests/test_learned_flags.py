@@ -1,10 +1,11 @@
 """Every flag that changes what is learned does what its help line says.
 
 One row per flag of WHAT_IS_LEARNED, read off Config: a learned flag added without a row fails here by name. Each row
-sets its flag to values other than the default and compares what the run builds or computes against an expectation
-worked out in the row from those values (SGD, softmax, covariance, crop arithmetic), never from the code's own
-constants. The rows run the code the CLI runs (build_trainer, the training loop, load_data, evaluate_saved), on a
-tiny network where the flag is not about the network. Each row is proven by breaking the line it guards:
+sets its flag to two or more values, at least one not the default, and compares what the run builds or computes
+against an expectation worked out in the row from those values (SGD, softmax, covariance, crop arithmetic), never from
+the code's own constants. The rows run the code the CLI runs (build_trainer, the training loop, load_data,
+evaluate_saved), on a tiny network where the flag is not about the network. Each row is proven by breaking the line it
+guards:
 
     python scripts/mutation_check.py --only <flag>
 """
