@@ -62,12 +62,28 @@ def _number(name, value, kind, low=None, high=None, low_open=False, high_open=Fa
     return number
 
 
-def number(kind, low=None, high=None, low_open=False, high_open=False):
-    return lambda name, value: _number(name, value, kind, low, high, low_open, high_open)
+@dataclass(frozen=True)
+class Number:
+    """The check of a numeric flag, holding its bounds so that the bounds tests can be derived from them."""
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False  # None passes: the run chooses the value (e.g. --cpu_threads)
+
+    def __call__(self, name, value):
+        if self.optional and value is None:
+            return None
+        return _number(name, value, self.kind, self.low, self.high, self.low_open, self.high_open)
 
 
-def optional_number(kind, low=None):
-    return lambda name, value: None if value is None else _number(name, value, kind, low)
+def number(kind, low=None, high=None, low_open=False, high_open=False) -> Number:
+    return Number(kind, low, high, low_open, high_open)
+
+
+def optional_number(kind, low=None) -> Number:
+    return Number(kind, low, optional=True)
 
 
 def choice(*allowed, lower=False):

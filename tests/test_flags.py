@@ -1,3 +1,4 @@
+import math
 import os
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from conftest import QUICK, run_cli
 
 from alexnet_dist.checkpoint import save_weights
 from alexnet_dist.cli import main, parse_flags
-from alexnet_dist.config import DEFAULTS
+from alexnet_dist.config import DEFAULTS, FIELDS, Number, UsageError
 from alexnet_dist.model import alexnet
 
 
@@ -155,3 +156,43 @@ def test_readme_flag_table_is_the_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.flag_table() in (root / "README.md").read_text()
+
+
+def bound_cases() -> list:
+    """(flag, value as typed, taken?) for every bound of every numeric flag, read off Config: at the bound (taken when
+    closed, refused when open), one step outside (refused), and one step inside an open bound (taken). A step is 1 for
+    an integer, the next float for a number."""
+
+    def step(value, kind, direction):
+        return value + direction if kind is int else math.nextafter(value, direction * math.inf)
+
+    cases = []
+    for name, field in FIELDS.items():
+        check = field.metadata["check"]
+        if not isinstance(check, Number):
+            continue
+        for bound, is_open, outward in ((check.low, check.low_open, -1), (check.high, check.high_open, 1)):
+            if bound is None:
+                continue
+            bound = check.kind(bound)
+            cases += [(name, bound, not is_open), (name, step(bound, check.kind, outward), False)]
+            if is_open:
+                cases.append((name, step(bound, check.kind, -outward), True))
+    return cases
+
+
+# what a value at a bound needs to pass the checks of flag combinations
+BOUND_CONTEXT = {"momentum": ["--nesterov=False"], "num_epochs": ["--train=False", "--load_model_path", "w.pth"]}
+
+
+@pytest.mark.parametrize("name,value,taken", bound_cases(), ids=[f"{n}={v!r}" for n, v, _ in bound_cases()])
+def test_numeric_flag_bounds(name, value, taken):
+    """--dropout 1 is refused and --dropout 0 taken, and so for every bound; a refusal is one line naming the flag."""
+    argv = [f"--{name}", repr(value), *BOUND_CONTEXT.get(name, [])]
+    if taken:
+        assert getattr(parse_flags(argv), name) == value
+        return
+    with pytest.raises(UsageError) as refused:
+        parse_flags(argv)
+    message = str(refused.value)
+    assert message.startswith(f"--{name} must be ") and message.endswith(f", got {value!r}") and "\n" not in message
