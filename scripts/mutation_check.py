@@ -43,6 +43,8 @@ def row(flag: str) -> str:
 BOUNDS = "tests/test_flags.py::test_numeric_flag_bounds"
 TRAINING, ENGINE, LOADERS, DATA = (f"alexnet_dist/{name}.py" for name in ("training", "engine", "loaders", "data"))
 AUGMENTATION = "cfg.random_crop, cfg.mean, cfg.std, accelerator.device"  # one line in training.py, three flags
+COLUMNS = "alexnet_dist/columns.py"
+COLUMNS_MATCH = "tests/test_columns.py::test_columns_learn_what_one_process_learns_and_count_each_image_once[2]"
 PLAN = "cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,"  # the epoch plan's flags, in loaders.py
 
 MUTATIONS = [
@@ -88,8 +90,14 @@ MUTATIONS = [
              'lr_factor("warmup_linear", step, warmup, total)', (row("schedule"),)),
     Mutation("plateau_patience", ENGINE, "patience=cfg.plateau_patience", "patience=2", (row("plateau_patience"),)),
     Mutation("dropout", TRAINING, "dropout=cfg.dropout,", "dropout=0.5,", (row("dropout"),)),
-    Mutation("first_linear_once", TRAINING, "first_linear_once=cfg.first_linear_once)", "first_linear_once=False)",
+    Mutation("first_linear_once", TRAINING, "first_linear_once=cfg.first_linear_once,", "first_linear_once=False,",
              (row("first_linear_once"),)),
+    Mutation("lrn_alpha", TRAINING, "lrn_alpha=cfg.lrn_alpha)", "lrn_alpha=1e-4)", (row("lrn_alpha"),)),
+    # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
+    Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",
+             "torch.cat(parts.chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
+    Mutation("columns_logits_bias", COLUMNS, "part.bias.requires_grad_(False)", "part.bias.requires_grad_(True)",
+             (COLUMNS_MATCH,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),
     Mutation("init", TRAINING, "init=cfg.init,", 'init="kaiming",', (row("init"),)),
     Mutation("seed_weights", TRAINING, "set_seed(cfg.seed)", "set_seed(0)", (row("seed"),)),

@@ -479,6 +479,21 @@ def first_linear_once_row(monkeypatch, tmp_path):
         assert model.classifier[0].seen == [width], once
 
 
+def lrn_alpha_row(monkeypatch, tmp_path):
+    """Both normalisations (after conv1 and conv2) divide each map by (2 + alpha / 5 x the sum of the squares of it
+    and its two neighbours on each side, zeros past the ends)^0.75: on six maps of 1..6, by hand."""
+    maps = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    for alpha in (1e-4, 0.5):
+        by_hand = [value / (2 + alpha / 5 * sum(v * v for v in maps[max(0, i - 2):i + 3])) ** 0.75
+                   for i, value in enumerate(maps)]
+        norms = [layer for layer in alexnet_for(lrn_alpha=alpha).features
+                 if isinstance(layer, torch.nn.LocalResponseNorm)]
+        assert len(norms) == 2
+        for norm in norms:
+            out = norm(torch.tensor(maps).view(1, 6, 1, 1)).flatten()
+            torch.testing.assert_close(out, torch.tensor(by_hand), msg=f"alpha {alpha}")
+
+
 def init_row(monkeypatch, tmp_path):
     """Standard deviations of conv1 (fan-in 3 x 11 x 11 = 363) and fc1 (fan-in 9216): He's sqrt(2 / fan_in),
     PyTorch's uniform of bound 1 / sqrt(fan_in), i.e. 1 / sqrt(3 fan_in), the paper's 0.01 (and its biases of 1)."""
@@ -555,6 +570,7 @@ LEARNED_ROWS = {
     "pca_color": pca_color_row,
     "cutout": cutout_row,
     "groups": groups_row,
+    "lrn_alpha": lrn_alpha_row,
 }
 # flags outside the resume set that still decide what a run computes: the initial weights, the final evaluation
 OTHER_ROWS = {"init": init_row, "tta": tta_row}
