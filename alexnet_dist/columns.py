@@ -225,8 +225,9 @@ class Column(nn.Module):
 
 def share_optimizer_state(optimizer, column: Column):
     """The optimizer's state_dict is the whole network's too: its momentum buffers gathered on save, split on load
-    (parameter i of the column is a share of parameter i of the whole network: same names, same order)."""
-    names = [name for name, _ in column.named_parameters()]
+    (the column's parameters have the whole network's names, and its optimizer their order in its groups)."""
+    name_of = {id(parameter): name for name, parameter in column.named_parameters()}
+    names = [name_of[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
 
     def each_buffer(state_dict: dict, change) -> dict:
         state = {index: {key: change(value, names[index]) if isinstance(value, torch.Tensor) and value.dim() else value

@@ -266,6 +266,13 @@ class Config:
         _bool,
         learned=True,
     )
+    first_linear_scaled: bool = flag(
+        False,
+        "fc1 steps as a plain layer over conv5's outputs: its lr divided by, and its weight decay multiplied by, the "
+        "number of pooled copies of each conv5 value (36 at crops up to 94), which otherwise multiply its step",
+        _bool,
+        learned=True,
+    )
     seed: int = flag(
         0,
         "seed of the split, the initial weights, the data order and the augmentation",

@@ -14,10 +14,29 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .model import pooled_copies
+
+FIRST_LINEAR = "classifier.1."  # fc1's parameters
+
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
-    """SGD as the paper ran it (momentum, weight decay), fused into a few kernels."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    """SGD as the paper ran it (momentum, weight decay), fused into a few kernels.
+
+    fc1 reads each conv5 value `copies` times (the 6x6 pooling repeats a 1x1 map 36 times), so its 36 weight blocks
+    get the same gradient and their sum, the layer that acts, moves `copies` times as far per step as a plain layer
+    over conv5's outputs would, while weight decay shrinks it at the plain rate. --first_linear_scaled gives fc1 its
+    own group with lr / copies and weight decay x copies: the steps of that plain layer. Its group comes second, so
+    that group 0 holds the peak lr the logs show."""
+    copies = pooled_copies(cfg.random_crop) if cfg.first_linear_scaled else 1
+    named = list(model.named_parameters())
+    groups = [{"params": [p for name, p in named if not name.startswith(FIRST_LINEAR)], "decay_scale": 1.0}]
+    first = [p for name, p in named if name.startswith(FIRST_LINEAR)]
+    if copies == 1:
+        groups[0]["params"] += first
+    else:
+        groups.append({"params": first, "lr": cfg.lr / copies, "weight_decay": cfg.weight_decay * copies,
+                       "decay_scale": float(copies)})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov, fused=True)
 
 

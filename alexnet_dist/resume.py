@@ -105,7 +105,8 @@ def apply_optimizer_flags(optimizer, scheduler, cfg, saved: dict):
     a new lr scales the schedule from the resumed step on."""
     ratio = cfg.lr / saved["lr"]
     for group in optimizer.param_groups:
-        group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay * group.get("decay_scale", 1.0),
+                     nesterov=cfg.nesterov)
         group["lr"] = float(group["lr"]) * ratio
         if "initial_lr" in group:
             group["initial_lr"] = float(group["initial_lr"]) * ratio

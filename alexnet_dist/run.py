@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 from . import __version__, dashboard
@@ -24,6 +25,8 @@ from .loaders import check_readable
 from .resume import restore, resume_command, truncate_metrics
 from .runtime import RunStopped, StopSignals, breakdown, device_name, stop_together
 from .tracking import Tracker
+
+FIT_SAMPLE = 5000  # training images on which the final weights' fit is measured
 
 
 def print_accuracy(print_, title: str, confusion, classes):
@@ -287,6 +290,7 @@ class Run:
         summary = {"train_seconds": train_seconds}
         with clock.part("final"):
             final = self._final_validation(summary)
+            self._fit(summary)
             test_loader, test_confusion = self._test(summary)
             split, loader, confusion = (
                 ("test", test_loader, test_confusion)
@@ -325,6 +329,19 @@ class Run:
                 f"tta {mode}: {100 * summary[name]:.2f}%"
             )
         return final
+
+    def _fit(self, summary: dict):
+        """How well the final weights fit the images they trained on: accuracy on a fixed sample of the training
+        split, centre crop, dropout off (the training accuracy of the epochs is measured on augmented images with
+        dropout on, so it cannot tell under-fitting from over-fitting)."""
+        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(0))
+        with clock.part("data"):
+            loader = self.trainer.make_loader(self.data.train.subset(order[:FIT_SAMPLE].sort().values))
+        for (weights, _), confusion in self.evaluator(loader, ("none",)).items():
+            name = "Accuracy/Train_fit" + ("_EMA" if weights == "ema" else "")
+            summary[name] = accuracy(confusion)
+            self.print(f"fit: {'averaged' if weights == 'ema' else 'final'} weights on {int(confusion.sum())} "
+                       f"training images (centre crop, no dropout): {100 * summary[name]:.2f}%")
 
     def _save_weights(self, unwrapped):
         """The final weights (and the average's), by the main process; if that fails, every rank stops."""

@@ -66,7 +66,7 @@ MUTATIONS = [
     Mutation("accumulation", "alexnet_dist/runtime.py", "gradient_accumulation_steps=cfg.grad_accum_steps,", "",
              ("tests/test_multinode.py::test_two_nodes_two_processes_and_accumulation_learn_what_one_process_learns",)),
     Mutation("micro_batch", "alexnet_dist/runtime.py", "shares = replicas * grad_accum_steps",
-             "shares = num_processes",
+             "shares = replicas",
              ("tests/test_flags.py::test_bad_input_is_one_line_exit_2_and_writes_nothing[--batch_size 30 "
               "--grad_accum_steps 4]",)),
     Mutation("retention", "alexnet_dist/checkpoint.py", "for path in saved[: -self.keep]:",
@@ -92,6 +92,8 @@ MUTATIONS = [
     Mutation("dropout", TRAINING, "dropout=cfg.dropout,", "dropout=0.5,", (row("dropout"),)),
     Mutation("first_linear_once", TRAINING, "first_linear_once=cfg.first_linear_once,", "first_linear_once=False,",
              (row("first_linear_once"),)),
+    Mutation("first_linear_scaled", ENGINE, "pooled_copies(cfg.random_crop) if cfg.first_linear_scaled else 1",
+             "1", (row("first_linear_scaled"),)),
     Mutation("lrn_alpha", TRAINING, "lrn_alpha=cfg.lrn_alpha)", "lrn_alpha=1e-4)", (row("lrn_alpha"),)),
     # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
     Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",

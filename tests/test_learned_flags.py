@@ -22,6 +22,7 @@ from test_data import write_folder
 from alexnet_dist import training
 from alexnet_dist.config import WHAT_IS_LEARNED, Config
 from alexnet_dist.data import Data, ImageSet, load_data
+from alexnet_dist.engine import build_optimizer
 from alexnet_dist.preflight import Plan
 from alexnet_dist.runtime import micro_batch_size
 
@@ -494,6 +495,26 @@ def lrn_alpha_row(monkeypatch, tmp_path):
             torch.testing.assert_close(out, torch.tensor(by_hand), msg=f"alpha {alpha}")
 
 
+def first_linear_scaled_row(monkeypatch, tmp_path):
+    """fc1 gets its own group, lr / copies and weight decay x copies, where copies is how often the 6x6 pooling repeats
+    each conv5 value. Sides through conv1 (11/4, padded 2) and the three 3/2 poolings: a 64 crop 64 -> 15 -> 7 -> 3 ->
+    1, a 1x1 map, 36 copies; a 95 crop 95 -> 23 -> 11 -> 5 -> 2, a 2x2 map, 9 copies. Without the flag, one group."""
+    fc1 = {"classifier.1.weight", "classifier.1.bias"}
+    for crop, copies in ((64, 36), (95, 9)):
+        model = alexnet_for(random_crop=(crop, crop), resize=(crop, crop))
+        names = {id(p): name for name, p in model.named_parameters()}
+        for scaled in (False, True):
+            groups = build_optimizer(model, config(first_linear_scaled=scaled, random_crop=(crop, crop),
+                                                   resize=(crop, crop), lr=0.05, weight_decay=5e-4)).param_groups
+            if not scaled:
+                assert len(groups) == 1 and groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 5e-4
+                continue
+            assert [{names[id(p)] for p in group["params"]} & fc1 for group in groups] == [set(), fc1], crop
+            assert groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 5e-4
+            assert groups[1]["lr"] == pytest.approx(0.05 / copies) and groups[1]["weight_decay"] == pytest.approx(
+                5e-4 * copies), crop
+
+
 def init_row(monkeypatch, tmp_path):
     """Standard deviations of conv1 (fan-in 3 x 11 x 11 = 363) and fc1 (fan-in 9216): He's sqrt(2 / fan_in),
     PyTorch's uniform of bound 1 / sqrt(fan_in), i.e. 1 / sqrt(3 fan_in), the paper's 0.01 (and its biases of 1)."""
@@ -571,6 +592,7 @@ LEARNED_ROWS = {
     "cutout": cutout_row,
     "groups": groups_row,
     "lrn_alpha": lrn_alpha_row,
+    "first_linear_scaled": first_linear_scaled_row,
 }
 # flags outside the resume set that still decide what a run computes: the initial weights, the final evaluation
 OTHER_ROWS = {"init": init_row, "tta": tta_row}

@@ -71,8 +71,14 @@ def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     assert summary["Accuracy/Test"] == pytest.approx(correct / total)  # what the run printed
     last = json.loads(next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()[-1])
     wall = time.monotonic() - began
-    for key in ("Accuracy/Test", "Accuracy/Validation_final/tta_ten", "time/total", "time/training"):
+    for key in ("Accuracy/Test", "Accuracy/Validation_final/tta_ten", "Accuracy/Train_fit", "time/total",
+                "time/training"):
         assert summary[key] == pytest.approx(last[key])  # the same as the run's own metrics file
+    # the fit: every training image (fewer than the sample's 5,000) without augmentation or dropout
+    fit = re.search(r"fit: final weights on (\d+) training images \(centre crop, no dropout\): ([\d.]+)%",
+                    result.stdout)
+    assert int(fit.group(1)) == 180
+    assert float(fit.group(2)) == pytest.approx(100 * last["Accuracy/Train_fit"], abs=0.005)
     # the breakdown: its parts add up to its total, which is the process's time, within what the test saw
     parts = [value for key, value in last.items() if key.startswith("time/") and key != "time/total"]
     assert len(parts) == 9 and sum(parts) == pytest.approx(last["time/total"], abs=0.01)
