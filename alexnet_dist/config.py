@@ -436,6 +436,14 @@ WHAT_IS_LEARNED = tuple(name for name, f in FIELDS.items() if f.metadata["learne
 
 def help_text() -> str:
     """--help: every flag with its default and meaning, what is learned first."""
+    return (
+        "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.\n"
+        "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)\n\n" + flag_lines()
+    )
+
+
+def flag_lines() -> str:
+    """Every flag with its default and meaning, in two groups: what a resumed run must keep, then the rest."""
 
     def line(name):
         default = DEFAULTS[name]
@@ -443,21 +451,15 @@ def help_text() -> str:
         return f"  --{name} (default {shown}): {FIELDS[name].metadata['help']}"
 
     how = [name for name in FIELDS if name not in WHAT_IS_LEARNED]
-    return (
-        "\n".join(
-            [
-                "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.",
-                "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)",
-                "",
-                "What is learned (a resumed run keeps these):",
-                *map(line, WHAT_IS_LEARNED),
-                "",
-                "How the run executes, evaluates and reports:",
-                *map(line, how),
-            ]
-        )
-        + "\n"
-    )
+    return "\n".join(
+        [
+            "What is learned (a resumed run keeps these):",
+            *map(line, WHAT_IS_LEARNED),
+            "",
+            "How the run executes, evaluates and reports:",
+            *map(line, how),
+        ]
+    ) + "\n"
 
 
 def load_recipe(path) -> dict:
