@@ -140,6 +140,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, weights,
     assert sorted(os.listdir(tmp_path)) == before
 
 
+WANDB_ENVIRONMENT = [
+    ("WANDB_MODE", "bogus", "WANDB_MODE='bogus' in the environment: W&B refuses it (Input should be 'online', "),
+    ("WANDB_SILENT", "maybe", "WANDB_SILENT='maybe' in the environment: W&B refuses it"),
+    ("WANDB_HTTP_TIMEOUT", "soon", "WANDB_HTTP_TIMEOUT='soon' in the environment: W&B refuses it"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", WANDB_ENVIRONMENT, ids=[name for name, _, _ in WANDB_ENVIRONMENT])
+def test_a_wandb_setting_wandb_refuses_is_one_line_exit_2_and_writes_nothing(name, value, message, monkeypatch,
+                                                                             capsys, tmp_path):
+    """Checked with the flags, before anything is written: wandb.init would refuse it only after the run folder."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(QUICK[:2] + ["--num_epochs", "1", "--logger", "wandb"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not list(tmp_path.iterdir())
+
+
 def test_entry_point_prints_no_traceback(tmp_path):
     result = run_cli(QUICK + ["--val_size=-0.1"], cwd=tmp_path)
     assert result.returncode == 2
