@@ -2,8 +2,8 @@
 changes what is learned.
 
 `Config` is the single source of truth: the CLI builds it from the command line (over a recipe
-file, if one is named); `--help`, the README's flag table, the checks and the set of flags that a
-resumed run must keep are all read off its fields. The tracker and every checkpoint store
+file, if one is named); `--help`, the flag tables (docs/flags.md, README.md), the checks and the set
+of flags that a resumed run must keep are all read off its fields. The tracker and every checkpoint store
 `Config.to_dict()`. Bad values raise `UsageError` with one line naming the flag and what is allowed.
 """
 
@@ -432,6 +432,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 # flags that change what a run learns: a resumed run must keep them (or pass --allow_config_change)
 WHAT_IS_LEARNED = tuple(name for name, f in FIELDS.items() if f.metadata["learned"])
+# and these too under the warmup_* schedules, which decay towards the last epoch
+KEPT_UNDER_WARMUP = ("num_epochs",)
 
 
 def help_text() -> str:
@@ -498,9 +500,7 @@ def learning_changes(saved: dict, cfg: Config) -> list:
     def plain(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    names = list(WHAT_IS_LEARNED)
-    if cfg.schedule.startswith("warmup"):
-        names.append("num_epochs")  # these schedules decay towards the last epoch
+    names = list(WHAT_IS_LEARNED) + (list(KEPT_UNDER_WARMUP) if cfg.schedule.startswith("warmup") else [])
     saved = {**DEFAULTS, **saved}
     return [
         f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"
