@@ -1,4 +1,4 @@
-"""The README's promises, each through the real entry point (launch/train.py) on the CPU, on tiny data.
+"""The promises of README.md and docs/, each through the real entry point (launch/train.py) on the CPU, on tiny data.
 
     PYTHONPATH=. python -m pytest -q tests/test_promises.py
 """
@@ -346,8 +346,8 @@ def accelerate_launch(config: Path, args: list, cwd, options=()) -> subprocess.C
 
 def test_bad_input_under_accelerate_launch_is_the_one_line_then_the_launchers_traceback_or_with_q_the_line_only(
         tmp_path):
-    """What the README says a user sees: the script's line and exit status 2 reach Accelerate's launcher, which adds
-    a CalledProcessError traceback and exits 1; `accelerate launch -q` exits 1 after the line alone."""
+    """What docs/distributed.md says a user sees: the script's line and exit status 2 reach Accelerate's launcher,
+    which adds a CalledProcessError traceback and exits 1; `accelerate launch -q` exits 1 after the line alone."""
     line = "error: --val_size must be in [0.0, 1.0), got -0.1"
     loud = accelerate_launch(ROOT / "configs" / "cpu.yaml", ["--val_size", "-0.1"], tmp_path)
     assert loud.returncode == 1 and line in loud.stderr.splitlines(), loud.stderr
