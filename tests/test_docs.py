@@ -60,11 +60,17 @@ def segments(code: str) -> list:
     return [part for part in parts + [words] if part]
 
 
+# what `make train` passes launch/train.py before $(ARGS), as its recipe in the Makefile says
+MAKE_TRAIN_FLAGS = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "launch/train.py" in line
+                        ).split("launch/train.py", 1)[1].replace("$(ARGS)", "").split()
+
+
 def target(words: list) -> tuple | None:
     """(what it runs: 'train' or 'bench', the words before its arguments, its arguments), or None."""
-    if words[:2] == ["make", "train"]:
-        given = [word.split("=", 1)[1] for word in words[2:] if word.startswith("ARGS=")]
-        return "train", words[:2], ["--num_epochs", "25", *shlex.split(given[0] if given else "")]
+    command = words[next((i for i, word in enumerate(words) if not re.match(r"\w+=", word)), len(words)):]
+    if command[:2] == ["make", "train"]:
+        given = [word.split("=", 1)[1] for word in command[2:] if word.startswith("ARGS=")]
+        return "train", command[:2], [*MAKE_TRAIN_FLAGS, *shlex.split(given[0] if given else "")]
     for index, word in enumerate(words):
         if word.endswith(("launch/train.py", "launch/slurm.sh")) or Path(word).name == "alexnet-dist-train":
             return "train", words[: index + 1], words[index + 1:]
@@ -126,3 +132,35 @@ def test_a_shown_command_parses_and_names_paths_that_exist(where, shown, kind, l
     missing = [path for path, created in repository_paths(launcher + arguments) if not created
                and not (ROOT / path).exists()]
     assert not missing, f"{where}: {shown}\n  names {missing}, which the repository does not hold"
+
+
+SAMPLE = """\
+Run `accelerate launch -q launch/train.py
+--num_epochs 3` or the benchmark.
+
+```bash
+srun --ntasks 2 torchrun --nproc_per_node 2 launch/train.py --seed 1 \\
+    --lr 0.1   # a comment
+WANDB_MODE=offline make train ARGS="--dataset fake --num_epochs 2" && python -m alexnet_dist.bench --steps 1
+```
+
+```text
+launch/train.py     the entry point (a listing, not a command)
+```
+
+    .venv/bin/alexnet-dist-train --help > help.txt
+"""
+
+
+def test_the_reader_finds_commands_in_every_form_the_documents_use():
+    """Inline spans that wrap, continuation lines, comments, launcher prefixes, `make train ARGS=...`, `&&`,
+    redirections; never a ```text listing."""
+    found = [target(words) for _, code in snippets(SAMPLE) for words in segments(code) if target(words)]
+    assert found == [
+        ("train", ["srun", "--ntasks", "2", "torchrun", "--nproc_per_node", "2", "launch/train.py"],
+         ["--seed", "1", "--lr", "0.1"]),
+        ("train", ["make", "train"], ["--num_epochs", "25", "--dataset", "fake", "--num_epochs", "2"]),
+        ("bench", ["python", "-m", "alexnet_dist.bench"], ["--steps", "1"]),
+        ("train", [".venv/bin/alexnet-dist-train"], ["--help"]),
+        ("train", ["accelerate", "launch", "-q", "launch/train.py"], ["--num_epochs", "3"]),
+    ]
