@@ -1,22 +1,29 @@
 # make train: set up .venv and run the main job; make test: set up .venv, run the linter and the tests.
-# Extra training flags: make train ARGS="--dataset folder --data_dir data/cifar10-jpeg"
+# Extra training flags: make train ARGS="--dataset fake --num_epochs 6"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test clean FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# installed again when the package's metadata or TORCH changes
+$(VENV)/.installed: setup.cfg pyproject.toml $(VENV)/.torch
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH) -e ".[tensorboard,test]"
 	touch $@
 
+# the TORCH of the last call, rewritten only when it differs: its date is when TORCH last changed
+$(VENV)/.torch: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
+
+# -q: a bad flag ends in the script's one line, without the launcher's CalledProcessError traceback
 train: setup
-	$(VENV)/bin/accelerate launch launch/train.py --num_epochs 25 $(ARGS)
+	$(VENV)/bin/accelerate launch -q launch/train.py --num_epochs 25 $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 
-import fire
 import numpy as np
 import torch
 from PIL import Image
@@ -33,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from .cli import read_flags
 from .clock import clock
-from .config import Config, UsageError, from_fire, number, optional_number
+from .config import Config, UsageError, flag_lines, from_fire, number, optional_number
 from .data import ImageSet
 from .files import check_writable, write_text
 from .loaders import streams
@@ -161,25 +161,51 @@ def project_pipeline(cfg: Config, steps: int) -> dict:
     }
 
 
-def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json_path: str | None = None, **flags):
-    """Print images/s of (a) the seed's pipeline, (b) this project's default step, (c) the ceiling.
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The benchmark's own flags, checked, and the training configuration of (b) and (c)."""
+    steps: int | None  # None: 50 on a GPU, 8 on a CPU
+    windows: int
+    seed_workers: int
+    json_path: str | None
+    flags: dict  # the training flags as given, recorded with the figures
+    cfg: Config
 
-    Args:
-        steps: optimizer steps per timed window (default: 50 on a GPU, 8 on a CPU).
-        windows: timed windows of each pipeline, taken in turns; each figure is their median.
-        seed_workers: DataLoader workers of the seed's pipeline (the seed used 0).
-        json_path: also write the figures to this JSON file.
-        flags: training flags for (b) and (c), e.g. --batch_size 256 --compile true --recipe R.yaml.
-    """
+
+USAGE = """\
+usage: python -m alexnet_dist.bench [--steps N] [--windows N] [--seed_workers N] [--json_path FILE] [training flags]
+  --steps (default: 50 on a GPU, 8 on a CPU): optimizer steps per timed window
+  --windows (default 5): timed windows of each pipeline, taken in turns; each figure is their median
+  --seed_workers (default 0, the seed's): DataLoader workers of the seed's pipeline
+  --json_path (default none): also write the figures to this JSON file
+Training flags set (b) and (c), e.g. --batch_size 256 --compile true --recipe R.yaml (the images are generated):
+
+"""
+
+
+def options(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json_path: str | None = None,
+            **flags) -> Options:
+    """The flags of USAGE, checked, before anything is measured or written."""
     steps = optional_number(int, low=1)("steps", steps)
     windows = number(int, low=1)("windows", windows)
     seed_workers = number(int, low=0)("seed_workers", seed_workers)
     if json_path:  # now, not after the measurement
         check_writable("--json_path", str(json_path))
     cfg = from_fire(flags, logger="none", dataset="fake", num_epochs=windows + 2)
+    return Options(steps, windows, seed_workers, json_path, flags, cfg)
+
+
+def parse_flags(argv: list) -> Options:
+    """The command line (read as launch/train.py's) -> checked Options; --help prints USAGE and the training flags."""
+    return options(**read_flags(argv, "alexnet_dist.bench", USAGE + flag_lines()))
+
+
+def main(opts: Options):
+    """Print images/s of (a) the seed's pipeline, (b) this project's default step, (c) the ceiling."""
+    cfg, windows, seed_workers = opts.cfg, opts.windows, opts.seed_workers
     train_images = round(cfg.fraction_of_data * (CIFAR_IMAGES - round(cfg.val_size * CIFAR_IMAGES)))
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
-    steps = steps or (50 if on_gpu else 8)
+    steps = opts.steps or (50 if on_gpu else 8)
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:
         clock.synchronize = torch.cuda.synchronize
@@ -207,7 +233,7 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         "seed_workers": seed_workers,
         "steps": steps,
         "windows": windows,
-        "flags": flags,
+        "flags": opts.flags,
         **{f"{name}_images_per_s": spread(values) for name, values in rates.items()},
         **{name: ratio(values) for name, values in ratios.items()},
         "cifar10_training_images": train_images,
@@ -215,8 +241,8 @@ def main(steps: int | None = None, windows: int = 5, seed_workers: int = 0, json
         "time": times,
     }
     print_result(result, table)
-    if json_path:
-        write_text(json_path, json.dumps(result, indent=2) + "\n")
+    if opts.json_path:
+        write_text(opts.json_path, json.dumps(result, indent=2) + "\n")
 
 
 def print_result(result: dict, table: str):
@@ -246,7 +272,7 @@ def print_result(result: dict, table: str):
 
 def cli():
     try:
-        fire.Fire(main)
+        main(parse_flags(sys.argv[1:]))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

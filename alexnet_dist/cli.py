@@ -21,23 +21,28 @@ from .runtime import RunStopped, build_accelerator, start_processes
 from .training import build_trainer, evaluate_saved, train
 
 
-def parse_flags(argv: list) -> Config:
-    """Flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`, `--noflip`) -> a validated
-    Config."""
+def read_flags(argv: list, name: str, usage: str) -> dict:
+    """The flags as Fire reads them (`--resize 70,70`, `--resize=[70,70]`, `--resize 70`, `--noflip`), unchecked;
+    --help (anywhere) prints `usage` and exits."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(), end="")
+        print(usage, end="")
         sys.exit(0)
     given = {}
 
-    def train(*arguments, **flags):
+    def command(*arguments, **flags):
         if arguments:
             raise UsageError(
                 f"unexpected argument {arguments[0]} (flags look like --name value; run with --help for the list)"
             )
         given.update(flags)
 
-    fire.Fire(train, command=argv, name="train.py")
-    return from_fire(given)
+    fire.Fire(command, command=argv, name=name)
+    return given
+
+
+def parse_flags(argv: list) -> Config:
+    """The command line of launch/train.py -> a validated Config."""
+    return from_fire(read_flags(argv, "train.py", help_text()))
 
 
 def run(cfg: Config):

@@ -2,8 +2,8 @@
 changes what is learned.
 
 `Config` is the single source of truth: the CLI builds it from the command line (over a recipe
-file, if one is named); `--help`, the README's flag table, the checks and the set of flags that a
-resumed run must keep are all read off its fields. The tracker and every checkpoint store
+file, if one is named); `--help`, the flag tables (docs/flags.md, README.md), the checks and the set
+of flags that a resumed run must keep are all read off its fields. The tracker and every checkpoint store
 `Config.to_dict()`. Bad values raise `UsageError` with one line naming the flag and what is allowed.
 """
 
@@ -472,10 +472,20 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 # flags that change what a run learns: a resumed run must keep them (or pass --allow_config_change)
 WHAT_IS_LEARNED = tuple(name for name, f in FIELDS.items() if f.metadata["learned"])
+# and these too under the warmup_* schedules, which decay towards the last epoch
+KEPT_UNDER_WARMUP = ("num_epochs",)
 
 
 def help_text() -> str:
     """--help: every flag with its default and meaning, what is learned first."""
+    return (
+        "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.\n"
+        "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)\n\n" + flag_lines()
+    )
+
+
+def flag_lines() -> str:
+    """Every flag with its default and meaning, in two groups: what a resumed run must keep, then the rest."""
 
     def line(name):
         default = DEFAULTS[name]
@@ -483,21 +493,15 @@ def help_text() -> str:
         return f"  --{name} (default {shown}): {FIELDS[name].metadata['help']}"
 
     how = [name for name in FIELDS if name not in WHAT_IS_LEARNED]
-    return (
-        "\n".join(
-            [
-                "Train AlexNet on CIFAR-10 (or an image folder) with Accelerate.",
-                "usage: accelerate launch launch/train.py [--flag value ...]   (or python / torchrun)",
-                "",
-                "What is learned (a resumed run keeps these):",
-                *map(line, WHAT_IS_LEARNED),
-                "",
-                "How the run executes, evaluates and reports:",
-                *map(line, how),
-            ]
-        )
-        + "\n"
-    )
+    return "\n".join(
+        [
+            "What is learned (a resumed run keeps these):",
+            *map(line, WHAT_IS_LEARNED),
+            "",
+            "How the run executes, evaluates and reports:",
+            *map(line, how),
+        ]
+    ) + "\n"
 
 
 def load_recipe(path) -> dict:
@@ -536,9 +540,7 @@ def learning_changes(saved: dict, cfg: Config) -> list:
     def plain(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    names = list(WHAT_IS_LEARNED)
-    if cfg.schedule.startswith("warmup"):
-        names.append("num_epochs")  # these schedules decay towards the last epoch
+    names = list(WHAT_IS_LEARNED) + (list(KEPT_UNDER_WARMUP) if cfg.schedule.startswith("warmup") else [])
     saved = {**DEFAULTS, **saved}
     return [
         f"{name}: {plain(saved[name])!r} -> {plain(getattr(cfg, name))!r}"

@@ -7,7 +7,10 @@ same run directory, at the same epoch and step, with the same data order and lea
 """
 
 import json
+import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -131,14 +134,60 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def resume_command(argv: list, path: Path) -> str:
-    """The command line that continues from `path`: this one, with its --resume replaced."""
-    kept, skip = [], False
+def how_to_continue(argv: list, path: Path, parent: list | None = None) -> str:
+    """'continue with: COMMAND', a command to paste that continues from `path`: this one, its --resume replaced,
+    after the launcher that started it when that is known. `parent`: the parent process's command line (read from
+    /proc when not given)."""
+    arguments, skip = [], False
     for argument in argv[1:]:
         if skip:
             skip = False
         elif argument == "--resume":
             skip = True
         elif not argument.startswith("--resume="):
-            kept.append(argument)
-    return shlex.join([argv[0], *kept, "--resume", str(path)])
+            arguments.append(argument)
+    arguments += ["--resume", str(path)]
+    prefix = launch_prefix(argv, parent_command_line() if parent is None else parent)
+    if prefix is None:
+        return f"continue with the same launcher (on every node) and: {shlex.join([argv[0], *arguments])}"
+    return f"continue with: {shlex.join([*prefix, *arguments])}"
+
+
+# set by `accelerate launch` and by torchrun (also when accelerate launch starts several processes through it)
+LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+
+
+def launch_prefix(argv: list, parent: list | None) -> list | None:
+    """What came before this process's arguments in the command the user typed: `python launch/train.py` (or the
+    console script) without a launcher; with one, the launcher's own command line, which ends with these arguments
+    (its options, such as --config_file, kept); None when that is not known, or every node runs a command of its own
+    (several nodes, SLURM)."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return [typed(sys.executable), argv[0]] if argv[0].endswith(".py") else [typed(argv[0])]
+    if "SLURM_JOB_ID" in os.environ or os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE"):
+        return None
+    arguments = argv[1:]
+    if parent is None or len(parent) <= len(arguments) or parent[len(parent) - len(arguments):] != arguments:
+        return None
+    command = parent[: len(parent) - len(arguments)]  # the launcher, its options and the script
+    # a console script runs as `python /path/bin/accelerate launch ...`; typed, it is `accelerate launch ...`
+    if Path(command[0]).name.startswith("python") and len(command) > 2 and not command[1].startswith("-") and \
+            not command[1].endswith(".py"):
+        command = command[1:]
+    return [typed(command[0]), *command[1:]]
+
+
+def typed(program: str) -> str:
+    """`program` by its name when PATH finds that same file, else as it was started."""
+    found = shutil.which(Path(program).name)
+    try:
+        return Path(program).name if found and os.path.samefile(found, program) else program
+    except OSError:  # started by a name PATH no longer finds, or a path relative to another folder
+        return program
+
+
+def parent_command_line() -> list | None:
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except (OSError, UnicodeDecodeError):
+        return None

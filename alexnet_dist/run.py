@@ -22,7 +22,7 @@ from .checkpoint import Checkpoints, complete_checkpoints, save_weights
 from .clock import clock
 from .engine import TTA_VIEWS, Evaluator, accuracy, per_class_accuracy
 from .loaders import check_readable
-from .resume import restore, resume_command, truncate_metrics
+from .resume import how_to_continue, restore, truncate_metrics
 from .runtime import RunStopped, StopSignals, breakdown, device_name, stop_together
 from .tracking import Tracker
 
@@ -269,7 +269,7 @@ class Run:
         if self.stopped is None:  # a non-finite loss found while saving keeps its own message
             self.stopped = RunStopped(
                 f"stopped by {self.stop.name()} after optimizer step {self.trainer.global_step}; checkpoint {path}; "
-                f"continue with the same launcher and: {resume_command(sys.argv, path)}",
+                f"{how_to_continue(sys.argv, path)}",
                 128 + int(self.stop.received),
             )
 

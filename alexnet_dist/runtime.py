@@ -224,14 +224,18 @@ class StopSignals:
     every = 10
 
     def __init__(self, accelerator):
-        self.accelerator, self.received = accelerator, None
+        self.accelerator, self.received, self.then = accelerator, None, None
         self.previous_sigterm = signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, number, frame):
         if self.received is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = number
+        if self.received is None:
+            self.received = number  # the one that stops the run and sets the exit status
+        elif number != self.received:
+            # Ctrl-C under `accelerate launch` (one process): the terminal's SIGINT, then the launcher's SIGTERM
+            self.then = number
 
     def poll(self, global_step: int, save_due: bool = False) -> tuple:
         """(stop now?, save a checkpoint now?), the same on every rank.
@@ -260,7 +264,11 @@ class StopSignals:
         return bool(interrupted or terminated), bool(due)
 
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
+        """The signals this process received, in order: 'SIGTERM', or 'SIGINT (then SIGTERM)'."""
+        if self.received is None:
+            return ""
+        first = signal.Signals(self.received).name
+        return f"{first} (then {signal.Signals(self.then).name})" if self.then else first
 
     def restore(self):
         """SIGTERM back to what it was; SIGINT to Python's KeyboardInterrupt, so that Ctrl-C stops at once from

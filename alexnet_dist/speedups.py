@@ -105,7 +105,7 @@ class Speedups:
 
 
 def use_cuda_graphs(cfg, state, precision: str, streaming: bool = False) -> bool:
-    """false (the default until a GPU run has measured them: see the README), true, or auto: on one CUDA process
+    """false (the default until a GPU run has measured them: docs/performance.md), true, or auto: on one CUDA process
     without accumulation, fp16's loss scaling or --skip_nonfinite (each adds host synchronisations or Python
     branches a graph would freeze), nor --compile reduce-overhead (graphs of its own), and not with the stream
     loader (its pin-memory thread works on the device while a step would be recorded). `state`: the processes

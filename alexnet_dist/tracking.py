@@ -61,6 +61,27 @@ def check_logger(logger: str, project: str = "", tags: tuple = ()):
         __import__(module)
     except ImportError:
         raise UsageError(f"--logger {logger} needs the {logger} package: {fix}, or pass --logger none") from None
+    if logger == "wandb":
+        check_wandb_environment()
+
+
+def check_wandb_environment():
+    """Each WANDB_* variable, read as wandb.init reads it: W&B refuses a bad one (WANDB_MODE=bogus) only once the
+    run has started, with a traceback, after the run folder is written."""
+    import wandb
+
+    if not hasattr(wandb.Settings, "update_from_env_vars"):  # W&B before 0.19 reads the environment otherwise
+        return
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith("WANDB_"):
+            continue
+        try:
+            wandb.Settings().update_from_env_vars({name: value})
+        except (ValueError, wandb.errors.Error) as error:  # pydantic's ValidationError is a ValueError
+            reason = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+            raise UsageError(
+                f"{name}={value!r} in the environment: W&B refuses it ({reason}); correct or unset it"
+            ) from None
 
 
 class Tracker:

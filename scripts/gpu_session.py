@@ -311,7 +311,7 @@ def smoke_stages(session: Session, rehearse: bool):
         *(["--steps", "1", "--windows", "2", "--batch_size", "32", "--device", "cpu"] if rehearse else []),
     ]
     session.json_stage("bench", [sys.executable, *bench], 120 if rehearse else 40, "bench.json")  # CPU: slower
-    if not rehearse:  # the arms that decide --cuda_graphs' default (README, Speed)
+    if not rehearse:  # the arms that decide --cuda_graphs' default (docs/performance.md)
         session.json_stage("bench_graphs", [sys.executable, *bench, "--cuda_graphs", "true"], 40, "bench_graphs.json")
         session.json_stage(
             "bench_reduce_overhead",

@@ -93,3 +93,23 @@ def test_a_ratio_whose_windows_reach_across_one_is_called_inconclusive(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "b/a = 1.50  [1.40-1.60]" in lines
     assert "b/c = 0.98  [0.95-1.02]  inconclusive: the windows' range reaches across 1" in lines
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--device", "cpu", "--help"], ["-h"]])
+def test_help_lists_the_benchmarks_flags_and_the_training_flags_wherever_it_stands(argv, capsys):
+    from alexnet_dist.bench import parse_flags
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_flags(argv)
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    names = ("steps", "windows", "seed_workers", "json_path", "batch_size", "device")  # its own, then training's
+    assert all(f"--{name}" in shown for name in names)
+
+
+def test_the_benchmarks_flags_parse_without_measuring(tmp_path):
+    from alexnet_dist.bench import parse_flags
+
+    opts = parse_flags(["--steps", "1", "--windows", "2", "--noflip", "--json_path", str(tmp_path / "b.json")])
+    assert (opts.steps, opts.windows, opts.cfg.flip, opts.cfg.num_epochs) == (1, 2, False, 4)
+    assert opts.flags == {"flip": False} and not list(tmp_path.iterdir())  # nothing written yet

@@ -141,6 +141,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, weights,
     assert sorted(os.listdir(tmp_path)) == before
 
 
+WANDB_ENVIRONMENT = [
+    ("WANDB_MODE", "bogus", "WANDB_MODE='bogus' in the environment: W&B refuses it (Input should be 'online', "),
+    ("WANDB_SILENT", "maybe", "WANDB_SILENT='maybe' in the environment: W&B refuses it"),
+    ("WANDB_HTTP_TIMEOUT", "soon", "WANDB_HTTP_TIMEOUT='soon' in the environment: W&B refuses it"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", WANDB_ENVIRONMENT, ids=[name for name, _, _ in WANDB_ENVIRONMENT])
+def test_a_wandb_setting_wandb_refuses_is_one_line_exit_2_and_writes_nothing(name, value, message, monkeypatch,
+                                                                             capsys, tmp_path):
+    """Checked with the flags, before anything is written: wandb.init would refuse it only after the run folder."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(QUICK[:2] + ["--num_epochs", "1", "--logger", "wandb"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not list(tmp_path.iterdir())
+
+
 def test_entry_point_prints_no_traceback(tmp_path):
     result = run_cli(QUICK + ["--val_size=-0.1"], cwd=tmp_path)
     assert result.returncode == 2
@@ -148,14 +168,17 @@ def test_entry_point_prints_no_traceback(tmp_path):
     assert not list(Path(tmp_path).iterdir())
 
 
-def test_readme_flag_table_is_the_config():
+def test_the_flag_tables_are_the_config():
+    """docs/flags.md holds every flag, README.md the common ones, as scripts/flag_table.py writes them."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("flag_table", root / "scripts" / "flag_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.flag_table() in (root / "README.md").read_text()
+    assert module.flag_table() in (root / "docs" / "flags.md").read_text()
+    assert module.flag_table(module.COMMON) in (root / "README.md").read_text()
+    assert "| `num_epochs` | `25` | with a warmup_* schedule |" in module.flag_table()  # the resume rule's exception
 
 
 def bound_cases() -> list:

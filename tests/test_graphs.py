@@ -213,7 +213,7 @@ def test_graph_check_verdicts(cuda_stand_ins, replay):
 
 @pytest.mark.parametrize("failing", [(), ("plateau",), ("exact", "compile")])
 def test_graph_check_exits_1_when_a_check_fails_and_names_it(failing, monkeypatch, tmp_path, capsys):
-    """The README: exit status 1 when one check fails (0 when all pass), the failed ones named in the summary
+    """docs/development.md: exit status 1 when one check fails (0 when all pass), the failed ones named in the summary
     line and the JSON. The checks' verdicts are set here; on a GPU they are the checks' own."""
     import json
 

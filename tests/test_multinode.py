@@ -48,7 +48,8 @@ STAND_IN_SCONTROL = """#!/usr/bin/env bash
 
 
 def node(port: int, is_host: bool, script, args, join_timeout: int = 120) -> list:
-    """The README's per-node command: is_host=1 on the head node makes a taken port fail there at once."""
+    """The per-node command of docs/distributed.md: is_host=1 on the head node makes a taken port fail there at
+    once."""
     return [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"job{port}",
             "--rdzv_conf", f"join_timeout={join_timeout},is_host={int(is_host)}", script, *args]

@@ -1,4 +1,4 @@
-"""The README's promises, each through the real entry point (launch/train.py) on the CPU, on tiny data.
+"""The promises of README.md and docs/, each through the real entry point (launch/train.py) on the CPU, on tiny data.
 
     PYTHONPATH=. python -m pytest -q tests/test_promises.py
 """
@@ -8,6 +8,8 @@ import http.server
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,9 +51,10 @@ def write_image_folder(root: Path, split: str, imageset, classes, count: int) ->
 class Launched:
     """A process whose output is read as it comes, so that a test waits for a line instead of sleeping blindly."""
 
-    def __init__(self, command: list, cwd, env: dict):
+    def __init__(self, command: list, cwd, env: dict, own_group: bool = False):
+        """`own_group`: in a process group of its own, as a terminal's foreground job (Ctrl-C: os.killpg)."""
         self.process = subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=own_group)
         self.out, self.err = [], []
         self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
                         for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
@@ -335,9 +338,43 @@ def test_the_newest_checkpoints_and_the_best_are_kept_and_nothing_else(tmp_path)
 # ---------------------------------------------------------------- accelerate launch with a config file
 
 
-def accelerate_launch(config: Path, args: list, cwd) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(TRAIN), *args]
+def accelerate_launch(config: Path, args: list, cwd, options=()) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", *options, "--config_file", str(config), str(TRAIN),
+               *args]
     return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_bad_input_under_accelerate_launch_is_the_one_line_then_the_launchers_traceback_or_with_q_the_line_only(
+        tmp_path):
+    """What docs/distributed.md says a user sees: the script's line and exit status 2 reach Accelerate's launcher,
+    which adds a CalledProcessError traceback and exits 1; `accelerate launch -q` exits 1 after the line alone."""
+    line = "error: --val_size must be in [0.0, 1.0), got -0.1"
+    loud = accelerate_launch(ROOT / "configs" / "cpu.yaml", ["--val_size", "-0.1"], tmp_path)
+    assert loud.returncode == 1 and line in loud.stderr.splitlines(), loud.stderr
+    assert "subprocess.CalledProcessError" in loud.stderr.split(line, 1)[1]
+    quiet = accelerate_launch(ROOT / "configs" / "cpu.yaml", ["--val_size", "-0.1"], tmp_path, options=["-q"])
+    assert quiet.returncode == 1 and quiet.stderr.strip().splitlines()[-1] == line, quiet.stderr
+    assert "Traceback" not in quiet.stderr and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_under_accelerate_launch_names_both_signals_and_gives_the_command_to_paste(tmp_path):
+    """Ctrl-C in a terminal reaches the whole foreground group: the script gets SIGINT, then the launcher's SIGTERM
+    (and SIGKILL 5 s after that). The message says so, and the command it prints is the launcher's, as typed."""
+    config = ROOT / "configs" / "cpu.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    flags = [*QUICK, "--num_epochs", "30", "--log_freq", "1", "--run_dir", "run"]
+    run = Launched([*launcher, str(TRAIN), *flags], tmp_path, cli_env(), own_group=True)
+    run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
+    os.killpg(run.process.pid, signal.SIGINT)
+    assert run.finish() == 130, run.stderr  # the launcher's own status on Ctrl-C
+    said = re.search(r"stopped by SIGINT \(then SIGTERM\) after optimizer step (\d+); checkpoint (\S+); "
+                     r"continue with: (.*)", run.stderr)
+    assert said, run.stderr
+    step, checkpoint, command = int(said.group(1)), said.group(2), said.group(3)
+    assert checkpoint == f"run/checkpoints/step-{step:07d}" and complete_checkpoints(tmp_path / "run" / "checkpoints")
+    executable = shlex.split(command)[0]
+    assert os.path.samefile(executable if os.sep in executable else shutil.which(executable), sys.executable)
+    assert shlex.split(command)[1:] == [*launcher[1:], str(TRAIN), *flags, "--resume", checkpoint]
 
 
 def test_accelerate_config_file_runs_and_an_explicit_precision_flag_wins(tmp_path):

@@ -453,3 +453,71 @@ def test_bad_checkpoint_and_data_input(name, prepare, argv, message, trained, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert snapshot(tmp_path) == before  # nothing written, nothing lost
+
+
+PASTE = "run/checkpoints/step-0000003"
+LAUNCHES = [  # (environment, this process's argv, its parent's command line, what the stop message says)
+    ({}, ["launch/train.py", "--num_epochs", "30", "--resume", "latest"], ["bash"],
+     "continue with: {python} launch/train.py --num_epochs 30 --resume " + PASTE),
+    ({}, ["{bin}/alexnet-dist-train", "--data_dir", "my data", "--resume=x"], ["bash"],
+     "continue with: alexnet-dist-train --data_dir 'my data' --resume " + PASTE),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, ["launch/train.py", "--num_epochs", "25"],
+     ["{python}", "{bin}/accelerate", "launch", "-q", "--config_file", "configs/cpu.yaml", "launch/train.py",
+      "--num_epochs", "25"],
+     "continue with: accelerate launch -q --config_file configs/cpu.yaml launch/train.py --num_epochs 25 --resume "
+     + PASTE),
+    ({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, ["/abs/launch/train.py", "--seed", "1"],
+     ["/elsewhere/python3", "-m", "torch.distributed.run", "--nproc_per_node", "2", "/abs/launch/train.py", "--seed",
+      "1"],
+     "continue with: /elsewhere/python3 -m torch.distributed.run --nproc_per_node 2 /abs/launch/train.py --seed 1 "
+     "--resume " + PASTE),
+    ({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, ["launch/train.py", "--seed", "1"],
+     ["torchrun", "--nnodes", "2", "launch/train.py", "--seed", "1"],
+     "continue with the same launcher (on every node) and: launch/train.py --seed 1 --resume " + PASTE),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, ["launch/train.py", "--seed", "1"], ["bash", "wrapper.sh"],
+     "continue with the same launcher (on every node) and: launch/train.py --seed 1 --resume " + PASTE),
+]
+
+
+@pytest.mark.parametrize("environment,argv,parent,expected", LAUNCHES,
+                         ids=["python", "console script", "accelerate", "torchrun", "two nodes", "unknown launcher"])
+def test_the_stop_message_gives_a_command_to_paste_with_its_launcher(environment, argv, parent, expected, tmp_path,
+                                                                      monkeypatch):
+    """The launcher's command line is its process's (/proc), which ends with this process's arguments."""
+    from alexnet_dist.resume import how_to_continue
+
+    bin_folder = tmp_path / "bin"  # what PATH finds: the console scripts, and this interpreter under its name
+    bin_folder.mkdir()
+    for name in ("accelerate", "alexnet-dist-train"):
+        (bin_folder / name).touch(mode=0o755)
+    python = bin_folder / Path(sys.executable).name
+    python.symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_folder))
+    for name in ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "executable", str(python))
+
+    def filled(items):
+        return [item.format(bin=bin_folder, python=python) for item in items]
+
+    said = how_to_continue(filled(argv), Path(PASTE), filled(parent))
+    assert said == expected.format(python=python.name)
+
+
+def test_the_stop_names_every_signal_it_received_in_order():
+    """Ctrl-C under `accelerate launch` on one process: the terminal's SIGINT, then the launcher's SIGTERM (seen
+    by hand, and in test_promises); the first one stops the run and sets the exit status."""
+    from alexnet_dist.runtime import StopSignals
+
+    stop = StopSignals(Accelerator(cpu=True))
+    try:
+        stop._handle(signal.SIGINT, None)
+        stop._handle(signal.SIGTERM, None)
+        assert (stop.name(), stop.received) == ("SIGINT (then SIGTERM)", signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            stop._handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
