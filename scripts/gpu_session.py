@@ -291,8 +291,9 @@ def smoke(out, rehearse: bool = False, **options):
 
 
 def smoke_stages(session: Session, rehearse: bool):
-    """The default command first (its time is the figure that matters most), then the graph check and the
-    benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs."""
+    """The default command first (its time is the figure that matters most), then the graph check, the
+    benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs, and
+    the layouts of two processes (scripts/parallel_bench.py)."""
     logger = (
         "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
     )
@@ -319,6 +320,11 @@ def smoke_stages(session: Session, rehearse: bool):
             60,
             "bench_reduce_overhead.json",
         )
+    # the paper's column split against data parallelism, on two GPUs (one GPU: the script says so and skips)
+    layouts = ["--device", "cpu", "--rounds", "1", "--windows", "1", "--steps", "1"] if rehearse else [
+        "--device", "cuda", "--rounds", "2", "--windows", "2", "--steps", "5"]
+    session.json_stage("parallel_layouts", [sys.executable, "scripts/parallel_bench.py", *layouts],
+                       240 if rehearse else 90, "parallel_layouts.json", skip_codes=(3,))
 
 
 SEARCH = [  # each wave varies the best flags so far; a change is kept when it validates better

@@ -30,9 +30,12 @@ def rehearse(tmp_path, part, *extra, budget=400):
 def test_smoke_rehearsal_reports_every_stage(tmp_path):
     result, summary, stages = rehearse(tmp_path, "smoke")
     assert result.returncode == 0
-    assert list(stages) == ["default_command", "graph_check", "bench"]  # the figure that matters most first
+    assert list(stages) == ["default_command", "graph_check", "bench", "parallel_layouts"]  # what matters most first
     assert stages["graph_check"]["status"] == "skipped"  # no GPU here: the check says so and the rest goes on
     assert stages["bench"]["status"] == "ok" and stages["bench"]["figures"]["default_images_per_s"]["median"] > 0
+    layouts = stages["parallel_layouts"]["figures"]["layouts"]  # on the CPU the comparison runs (gloo)
+    assert set(layouts) == {"columns", "data", "data_bf16", "one"}
+    assert layouts["data"]["bytes_per_step"] == 2 * layouts["data_bf16"]["bytes_per_step"] > 0
     command = stages["default_command"]
     assert command["status"] == "ok" and "launch launch/train.py" in command["command"]
     assert "--logger wandb" in command["command"]  # wandb imports here: W&B offline, as a user runs it
