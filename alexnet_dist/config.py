@@ -273,6 +273,13 @@ class Config:
         _bool,
         learned=True,
     )
+    conv1_from_data: bool = flag(
+        False,
+        "start conv1 from the training images: the leading eigenvectors of its 11x11x3 patches' covariance and their "
+        "negatives, whitened and scaled to He's output variance (trainable; the other layers as --init says)",
+        _bool,
+        learned=True,
+    )
     seed: int = flag(
         0,
         "seed of the split, the initial weights, the data order and the augmentation",

@@ -15,13 +15,15 @@ from .checkpoint import load_weights
 from .clock import clock
 from .columns import Column, data_shard, pair_up, share_optimizer_state, whole_model
 from .columns import prepare as prepare_column
-from .data import pixel_sample
+from .data import pixel_sample, resize_images
 from .engine import Meter, NonfiniteGuard, build_average, build_optimizer, build_scheduler, evaluate
 from .loaders import make_loader
 from .model import alexnet
 from .run import print_accuracy
 from .speedups import Speedups
-from .transforms import Augmentation, colour_pca
+from .transforms import Augmentation, colour_pca, patch_filters
+
+CONV1_SAMPLE = 2000  # training images whose patches start conv1 (--conv1_from_data)
 
 
 @dataclass
@@ -55,12 +57,19 @@ class Trainer:
         return whole_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
 
 
-def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None):
-    """AlexNet with the seed's initial weights (the same on every rank) or `weights`; then each rank's own
-    dropout stream (seeded from seed and rank; the data plan has its own generator)."""
+def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None, train_set=None):
+    """AlexNet with the seed's initial weights (the same on every rank; conv1's from `train_set` with
+    --conv1_from_data) or `weights`; then each rank's own dropout stream (seeded from seed and rank; the data plan
+    has its own generator)."""
     set_seed(cfg.seed)
     model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init,
                     first_linear_once=cfg.first_linear_once, lrn_alpha=cfg.lrn_alpha)
+    if cfg.conv1_from_data and weights is None and train_set is not None:
+        conv1 = model.features[0]
+        sample = resize_images(pixel_sample(train_set, cfg.resize)[:CONV1_SAMPLE], cfg.resize)
+        with torch.no_grad():
+            conv1.weight.copy_(patch_filters(sample, cfg.mean, cfg.std, conv1.out_channels))
+            conv1.bias.zero_()
     if weights is not None:
         load_weights(model, cfg.load_model_path, weights)
         accelerator.print(
@@ -112,7 +121,7 @@ def build_trainer(
     with clock.part("data"):
         make = loader_factory(cfg, accelerator, micro_batch, train_set)
         loader = make(train_set)
-    model, optimizer = place(cfg, accelerator, build_model(cfg, accelerator, num_classes, weights))
+    model, optimizer = place(cfg, accelerator, build_model(cfg, accelerator, num_classes, weights, train_set))
     scheduler = build_scheduler(optimizer.optimizer, cfg, loader.steps_per_epoch)  # ours: once per optimizer step
     return Trainer(
         accelerator=accelerator,

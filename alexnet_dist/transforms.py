@@ -54,6 +54,36 @@ def colour_pca(images: torch.Tensor, max_pixels: int = 1_000_000) -> torch.Tenso
     return (eigenvectors * eigenvalues).float()
 
 
+def patch_filters(images: torch.Tensor, mean, std, filters: int, kernel: int = 11, stride: int = 4,
+                   chunk: int = 250) -> torch.Tensor:
+    """conv1's weights from the data (uint8 `images` at the network's input size, normalised as the network sees
+    them): the leading filters // 2 eigenvectors of the kernel x kernel x 3 patch covariance and their negatives
+    (ReLU passes one sign of each), each scaled to whiten its direction and then to the output variance He's
+    initialisation gives on these inputs (2 / fan_in x the patches' summed second moment). Signs made canonical
+    (largest component positive), so every process computes the same weights."""
+    shift = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    fan_in = 3 * kernel * kernel
+    moment = torch.zeros(fan_in, fan_in, dtype=torch.float64)  # sums of patch x patch^T, of patches, and a count
+    total, count = torch.zeros(fan_in, dtype=torch.float64), 0
+
+    for part in images.split(chunk):
+        x = (part.double() / 255 - shift) / scale
+        patches = torch.nn.functional.unfold(x, kernel, stride=stride).transpose(1, 2).reshape(-1, fan_in)
+        moment += patches.T @ patches
+        total += patches.sum(0)
+        count += len(patches)
+    centre = total / count
+    covariance = moment / count - torch.outer(centre, centre)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    leading = eigenvectors[:, -(filters // 2):].flip(1).T  # (filters // 2, fan_in), largest first
+    leading = leading * torch.sign(leading.gather(1, leading.abs().argmax(1, keepdim=True)))
+    he_variance = 2 / fan_in * float(torch.diagonal(moment).sum() / count)
+    whitened = leading / eigenvalues.flip(0)[: filters // 2].clamp(min=1e-8).sqrt()[:, None]
+    weights = torch.cat([whitened, -whitened]) * he_variance ** 0.5
+    return weights.view(-1, 3, kernel, kernel).float()
+
+
 class Augmentation:
     """Crop, flip, colour-shift, cut out and normalise uint8 batches into the network's float input."""
 

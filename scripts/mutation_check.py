@@ -94,6 +94,8 @@ MUTATIONS = [
              (row("first_linear_once"),)),
     Mutation("first_linear_scaled", ENGINE, "pooled_copies(cfg.random_crop) if cfg.first_linear_scaled else 1",
              "1", (row("first_linear_scaled"),)),
+    Mutation("conv1_from_data", TRAINING, "if cfg.conv1_from_data and weights is None", "if False",
+             (row("conv1_from_data"),)),
     Mutation("lrn_alpha", TRAINING, "lrn_alpha=cfg.lrn_alpha)", "lrn_alpha=1e-4)", (row("lrn_alpha"),)),
     # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
     Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",

@@ -515,6 +515,30 @@ def first_linear_scaled_row(monkeypatch, tmp_path):
                 5e-4 * copies), crop
 
 
+def conv1_from_data_row(monkeypatch, tmp_path):
+    """conv1 from the training images: on their 11x11 patches (stride 4, normalised as the network sees them), the
+    first half of the filters give uncorrelated outputs, each of the variance He's initialisation gives there
+    (2 / 363 x the patches' summed second moment), the second half their negatives; without the flag, He's own."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(300, 3, 18, 18, generator=generator), size=(70, 70),
+                                             mode="bilinear")  # correlated pixels, as in photographs
+    images = ImageSet(torch.zeros(300, dtype=torch.int64), (smooth * 255).round().to(torch.uint8))
+    x = (images.images.double() / 255 - 0.5) / 0.5
+    patches = torch.cat([x[:, :, top:top + 11, left:left + 11].reshape(300, -1)
+                         for top in range(0, 60, 4) for left in range(0, 60, 4)])
+    covariance = torch.cov(patches.T)
+    target = 2 / 363 * float((patches ** 2).mean(0).sum())
+    for on in (True, False):
+        cfg = config(conv1_from_data=on)
+        model = training.build_model(cfg, Accelerator(cpu=True), 10, train_set=images)
+        filters = model.features[0].weight.detach().double().reshape(64, -1)
+        outputs = filters[:32] @ covariance @ filters[:32].T
+        whitened = torch.allclose(outputs, target * torch.eye(32, dtype=torch.float64), atol=0.02 * target)
+        assert whitened == on, on
+        if on:
+            assert torch.equal(filters[32:], -filters[:32]) and not model.features[0].bias.any()
+
+
 def init_row(monkeypatch, tmp_path):
     """Standard deviations of conv1 (fan-in 3 x 11 x 11 = 363) and fc1 (fan-in 9216): He's sqrt(2 / fan_in),
     PyTorch's uniform of bound 1 / sqrt(fan_in), i.e. 1 / sqrt(3 fan_in), the paper's 0.01 (and its biases of 1)."""
@@ -593,6 +617,7 @@ LEARNED_ROWS = {
     "groups": groups_row,
     "lrn_alpha": lrn_alpha_row,
     "first_linear_scaled": first_linear_scaled_row,
+    "conv1_from_data": conv1_from_data_row,
 }
 # flags outside the resume set that still decide what a run computes: the initial weights, the final evaluation
 OTHER_ROWS = {"init": init_row, "tta": tta_row}
