@@ -278,8 +278,7 @@ class Config:
         "start conv1 from the training images: the leading eigenvectors of its 11x11x3 patches' covariance and their "
         "negatives, whitened and scaled to He's output variance (trainable; the other layers as --init says)",
         _bool,
-        learned=True,
-    )
+    )  # like --init, only the start: a resumed run takes its weights from the checkpoint
     seed: int = flag(
         0,
         "seed of the split, the initial weights, the data order and the augmentation",

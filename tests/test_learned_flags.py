@@ -617,10 +617,9 @@ LEARNED_ROWS = {
     "groups": groups_row,
     "lrn_alpha": lrn_alpha_row,
     "first_linear_scaled": first_linear_scaled_row,
-    "conv1_from_data": conv1_from_data_row,
 }
 # flags outside the resume set that still decide what a run computes: the initial weights, the final evaluation
-OTHER_ROWS = {"init": init_row, "tta": tta_row}
+OTHER_ROWS = {"init": init_row, "conv1_from_data": conv1_from_data_row, "tta": tta_row}
 
 MISSING_ROW = (
     "--{name} changes what is learned (learned=True in alexnet_dist/config.py) but has no row in LEARNED_ROWS of "
