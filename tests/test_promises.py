@@ -674,8 +674,10 @@ def test_ctrl_c_during_the_final_report_stops_the_run_at_once(tmp_path):
     assert (tmp_path / "model.pth").is_file()
 
 
-def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
-    """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank."""
+@pytest.mark.parametrize("layout", [[], ["--parallel", "columns", "--groups", "2"]], ids=["data", "columns"])
+def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(layout, tmp_path):
+    """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank. The
+    same with the two columns on the two ranks: they stop together and save the whole network."""
     command = [
         sys.executable,
         "-m",
@@ -692,6 +694,7 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
         "1",
         "--run_dir",
         "run",
+        *layout,
     ]
     # torchrun's SIGKILL, 30 s after it forwards the signal by default, must not cut the ranks' saves short on a
     # loaded machine
@@ -705,6 +708,10 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
     assert all((saved[0] / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))  # both ranks saved that step
+    if layout:  # the whole network's weights and momenta, gathered from the pair, not column 0's half
+        weights = torch.load(saved[0] / "pytorch_model.bin", weights_only=True)
+        momenta = torch.load(saved[0] / "optimizer.bin", weights_only=True)["state"]
+        assert weights["features.0.weight"].shape[0] == 96 and momenta[0]["momentum_buffer"].shape[0] == 96
 
 
 # ---------------------------------------------------------------- run folders and checkpoints
