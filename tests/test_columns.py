@@ -99,8 +99,10 @@ def test_weights_and_checkpoints_cross_between_the_layouts(one_process, tmp_path
 def test_bad_column_layouts_are_refused_in_one_line(processes, flags, message, tmp_path):
     result = run_cli(["--dataset", "fake", "--logger", "none", "--num_epochs", "1", *flags], cwd=tmp_path,
                      processes=processes)
-    assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
-    assert processes > 1 or "Traceback" not in result.stderr  # (torchrun adds its own report of the exit status)
+    if processes == 1:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    else:  # torchrun's own status and report are its business (1 when it stopped the others); the ranks exited 2
+        assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr
     assert list(tmp_path.iterdir()) == []  # no run folder, no weights

@@ -441,7 +441,8 @@ def test_stream_loader_trains_from_files_and_is_chosen_when_the_split_does_not_f
 
     monkeypatch.setattr(alexnet_dist.training, "make_loader", recorded)
     main(FOLDER + ["--loader", "auto", "--num_workers", "0", "--save", "auto.pth"])
-    assert len(made) == 3 and all(isinstance(loader, StreamLoader) for loader in made)  # training, validation, test
+    # training, validation, the fit's sample of the training split, test
+    assert len(made) == 4 and all(isinstance(loader, StreamLoader) for loader in made)
     assert not cache.exists()
 
 
