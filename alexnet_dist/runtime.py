@@ -229,7 +229,7 @@ class StopSignals:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, number, frame):
-        if self.received is not None and number == signal.SIGINT:
+        if self.received == signal.SIGINT and number == signal.SIGINT:  # a second Ctrl-C, not the launcher's
             raise KeyboardInterrupt
         if self.received is None:
             self.received = number  # the one that stops the run and sets the exit status
