@@ -126,7 +126,7 @@ def micro_batch_size(batch_size: int, replicas: int, grad_accum_steps: int, para
 
 
 def breakdown(batch_size: int, replicas: int, grad_accum_steps: int, parallel: str = "data") -> str:
-    micro = batch_size // (replicas * grad_accum_steps)
+    micro = micro_batch_size(batch_size, replicas, grad_accum_steps, parallel)
     return (
         f"global batch {batch_size} = {replicas} {replica_unit(parallel)} x {grad_accum_steps} accumulation step(s) "
         f"x {micro} images per micro-batch"
