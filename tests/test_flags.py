@@ -17,6 +17,12 @@ def test_list_forms(argv):
     assert parse_flags(argv).resize == (70, 70)
 
 
+def test_list_flags_take_their_bounds():
+    """The smallest crop AlexNet takes (63) and a mean of 0 are taken; one less is refused (BAD_INPUTS)."""
+    cfg = parse_flags(["--resize", "63", "--random_crop", "63", "--mean", "0,0,0", "--std", "1e-9,1,1"])
+    assert cfg.resize == cfg.random_crop == (63, 63) and cfg.mean == (0.0, 0.0, 0.0) and cfg.std[0] == 1e-9
+
+
 def test_triples_booleans_and_defaults():
     cfg = parse_flags(["--mean", "0.4,0.5,0.6", "--std=[0.2,0.2,0.2]", "--notrain", "--load_model_path", "w.pth",
                        "--nesterov=False", "--tags", "a,b"])
@@ -98,6 +104,11 @@ BAD_INPUTS = [
     (["--batch_size", "30", "--grad_accum_steps", "4"], "use a multiple of 4"),
     (["--random_crop", "80"], "--random_crop 80,80 is larger than --resize 70,70"),
     (["--random_crop", "32", "--resize", "32"], "at least 63x63"),
+    (["--random_crop", "62"], "--random_crop must be at least 63x63, AlexNet's smallest input; got 62,62"),
+    (["--resize", "0"], "--resize must be at least 1, got 0"),
+    (["--resize", "70,-1"], "--resize must be at least 1, got -1"),
+    (["--resize", "70,70,70"], "--resize must be one size or two (H,W)"),
+    (["--mean", "0.5,-0.1,0.5"], "--mean must be at least 0.0, got -0.1"),
     (["--first_linear_once", "--resize", "100", "--random_crop", "95"], "--first_linear_once needs crops of at most"),
     (["--mean", "0.5,0.5"], "--mean must be three numbers"),
     (["--std", "0.5,0,0.5"], "--std must be greater than 0.0"),
