@@ -193,6 +193,10 @@ class Column(nn.Module):
         self.whole_shape = {"num_classes": whole.classifier[-1].out_features, "groups": COLUMNS,
                             "dropout": whole.classifier[0].p, "first_linear_once": whole.first_linear_once,
                             "lrn_alpha": whole.features[2].alpha}
+        # hooks rather than overrides, so that they act wherever the column sits: in DDP, in the weights' average
+        self.entries = list(super().state_dict().keys())
+        self.register_state_dict_post_hook(_gather_on_save)
+        self.register_load_state_dict_pre_hook(_split_on_load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.pair.pair_group
@@ -209,11 +213,10 @@ class Column(nn.Module):
         x = second(gather(dropout_second(relu(x)), group))  # fc2 reads both halves of fc1
         return SumOverPair.apply(last(relu_second(x)), group)  # the logits: both halves' contributions
 
-    def state_dict(self, *args, **kwargs) -> dict:
-        return gather_state(super().state_dict(*args, **kwargs), self.pair.pair_group)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict(split_state(state_dict, self.pair.column), strict=strict, assign=assign)
+        # hooks rather than overrides, so that they act wherever the column sits: in DDP, in the weights' average
+        self.entries = list(super().state_dict().keys())
+        self.register_state_dict_post_hook(_gather_on_save)
+        self.register_load_state_dict_pre_hook(_split_on_load)
 
     def whole(self) -> AlexNet:
         """The ordinary two-column network with these weights (a collective of the pair: both call it)."""
@@ -221,6 +224,19 @@ class Column(nn.Module):
             model = AlexNet(**self.whole_shape)
         model.load_state_dict(self.state_dict())
         return model.to(next(self.parameters()).device)
+
+
+def _gather_on_save(column: Column, state_dict: dict, prefix: str, _metadata) -> None:
+    """The whole network's entries in place of the column's (a collective of the pair: both save)."""
+    whole = gather_state({name: state_dict[prefix + name] for name in column.entries}, column.pair.pair_group)
+    state_dict.update({prefix + name: tensor for name, tensor in whole.items()})
+
+
+def _split_on_load(column: Column, state_dict: dict, prefix: str, *_) -> None:
+    """The column's share of the whole network's entries, before they load."""
+    own = split_state({name: state_dict[prefix + name] for name in column.entries if prefix + name in state_dict},
+                      column.pair.column)
+    state_dict.update({prefix + name: tensor for name, tensor in own.items()})
 
 
 def share_optimizer_state(optimizer, column: Column):

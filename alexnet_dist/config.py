@@ -458,8 +458,6 @@ class Config:
         if self.parallel == "columns" and self.groups != 2:
             raise UsageError("--parallel columns splits the paper's two-column network over a pair of processes: "
                              "add --groups 2")
-        if self.parallel == "columns" and self.ema:
-            raise UsageError("--parallel columns does not keep a weight average yet: leave --ema at 0")
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:

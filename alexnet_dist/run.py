@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__, dashboard
 from .checkpoint import Checkpoints, complete_checkpoints, save_weights
 from .clock import clock
+from .columns import whole_model
 from .engine import TTA_VIEWS, Evaluator, accuracy, per_class_accuracy
 from .loaders import check_readable
 from .resume import how_to_continue, restore, truncate_metrics
@@ -348,8 +349,8 @@ class Run:
         save_path = self.plan.save_path
         files = [(save_path, unwrapped, "final")]
         if self.trainer.average is not None:
-            files.append((save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}"), self.trainer.average.module,
-                          "averaged"))
+            files.append((save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}"),
+                          whole_model(self.trainer.average.module), "averaged"))  # every rank: a collective
         error = None
         if self.accelerator.is_main_process:
             try:

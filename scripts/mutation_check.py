@@ -102,6 +102,9 @@ MUTATIONS = [
              "torch.cat(parts.chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
     Mutation("columns_logits_bias", COLUMNS, "part.bias.requires_grad_(False)", "part.bias.requires_grad_(True)",
              (COLUMNS_MATCH,)),
+    # the average's file saved as this column's share, not the whole network
+    Mutation("columns_average_whole", "alexnet_dist/run.py", "whole_model(self.trainer.average.module)",
+             "self.trainer.average.module", (COLUMNS_MATCH,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),
     Mutation("init", TRAINING, "init=cfg.init,", 'init="kaiming",', (row("init"),)),
     Mutation("seed_weights", TRAINING, "set_seed(cfg.seed)", "set_seed(0)", (row("seed"),)),

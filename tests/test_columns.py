@@ -10,11 +10,12 @@ from conftest import copy_run_folder, run_cli
 from alexnet_dist.checkpoint import complete_checkpoints, read_weights
 
 # no dropout, no augmentation, fp32: the layouts then differ only by float rounding. 180 training images at
-# batch 32: 5 optimizer steps; a checkpoint every 2 steps
+# batch 32: 5 optimizer steps; a checkpoint every 2 steps; a weights' average (its file, model_ema.pth, and its
+# place in the checkpoints are the whole network's too)
 EXACT = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--fraction_of_data", "0.2",
          "--batch_size", "32", "--mixed_precision", "no", "--dropout", "0", "--noflip", "--translate", "0",
          "--resize", "64", "--random_crop", "64", "--groups", "2", "--tta", "none", "--log_freq", "1",
-         "--checkpoint_steps", "2", "--keep_checkpoints", "5"]
+         "--checkpoint_steps", "2", "--keep_checkpoints", "5", "--ema", "0.9"]
 COLUMNS = ["--parallel", "columns"]
 
 
@@ -50,7 +51,8 @@ def test_columns_learn_what_one_process_learns_and_count_each_image_once(process
     assert f"global batch 32 = {pairs} pair(s) of column processes x 1 accumulation step(s) x {32 // pairs} images" \
         in result.stdout
     assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
-    assert_same_weights(tmp_path / "model.pth", reference / "model.pth")
+    for name in ("model.pth", "model_ema.pth"):
+        assert_same_weights(tmp_path / name, reference / name)
     assert printed_test_accuracy(result.stdout) == printed_test_accuracy(single.stdout)
     assert printed_test_accuracy(result.stdout)[1] == 200  # fake data's test images, each once (not once a column)
     losses = [line.split(",")[0] for line in result.stdout.splitlines() if line.startswith("step ")]
@@ -82,6 +84,7 @@ def test_weights_and_checkpoints_cross_between_the_layouts(one_process, tmp_path
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from" in resumed.stdout
         assert_same_weights(tmp_path / f"resumed{processes}.pth", reference / "model.pth")
+        assert_same_weights(tmp_path / f"resumed{processes}_ema.pth", reference / "model_ema.pth")
 
 
 @pytest.mark.parametrize(
