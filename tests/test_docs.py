@@ -163,3 +163,30 @@ def test_the_reader_finds_commands_in_every_form_the_documents_use():
         ("train", [".venv/bin/alexnet-dist-train"], ["--help"]),
         ("train", ["accelerate", "launch", "-q", "launch/train.py"], ["--num_epochs", "3"]),
     ]
+
+
+def recipe_rows() -> list:
+    """(folder, row) for every table row of docs/results.md that links a run's raw files."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    return [(found.group(1), line) for line in text.splitlines() if line.startswith("|")
+            for found in [re.search(r"\]\(results/recipes/([^/)]+_seed\d+)/\)", line)] if found]
+
+
+@pytest.mark.parametrize("folder,row", recipe_rows(), ids=[folder for folder, _ in recipe_rows()])
+def test_a_results_row_shows_its_runs_own_figures(folder, row):
+    """The three validation figures (centre / flip / ten views) and the wall time a row of docs/results.md shows
+    are those of the metrics file in the folder it links (read by docs/results/recipes/table.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("table", ROOT / "docs" / "results" / "recipes" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    got = table.figures(ROOT / "docs" / "results" / "recipes" / folder)
+    assert "{:.2f} / {:.2f} / {:.2f}%".format(*got["modes"]) in row
+    assert f"| {got['wall']:,.0f} s" in row
+
+
+def test_every_run_folder_has_a_row():
+    """No run's raw files sit in docs/results/recipes/ without a row in docs/results.md."""
+    folders = {path.parent.name for path in (ROOT / "docs" / "results" / "recipes").glob("*_seed*/metrics.jsonl")}
+    assert folders == {folder for folder, _ in recipe_rows()}

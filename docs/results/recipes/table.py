@@ -5,8 +5,10 @@
 
 One line per run: its folder, the whole command's time (`time/total`), the final validation accuracy in
 the three test-time modes (centre / flip / ten views) and the last epoch's training accuracy (measured
-on augmented images, dropout on). Then, for every name with more than one seed, the mean and the
-spread (max - min) of each test-time mode.
+on augmented images, dropout on); where the run logged them, its fit (`Accuracy/Train_fit`: the final
+weights on 5,000 training images, centre crop, dropout off) and the weights' average (`--ema`) in the
+three modes. Then, for every name with more than one seed, the mean and the spread (max - min) of each
+test-time mode.
 """
 
 import json
@@ -23,8 +25,11 @@ def figures(folder: Path) -> dict:
     final = next(row for row in reversed(rows) if "time/total" in row)
     last_epoch = next(row for row in reversed(rows) if "Accuracy/Train" in row)
     modes = [100 * final[f"Accuracy/Validation_final/tta_{mode}"] for mode in ("none", "flip", "ten")]
+    average = [final.get(f"Accuracy/Validation_final_EMA/tta_{mode}") for mode in ("none", "flip", "ten")]
     return {"wall": final["time/total"], "modes": modes, "train": 100 * last_epoch["Accuracy/Train"],
-            "epochs": last_epoch["epoch"]}
+            "epochs": last_epoch["epoch"], "fit": final.get("Accuracy/Train_fit"),
+            "average_fit": final.get("Accuracy/Train_fit_EMA"),
+            "average": None if None in average else [100 * value for value in average]}
 
 
 def main(names: list) -> None:
@@ -34,7 +39,10 @@ def main(names: list) -> None:
         got = figures(folder)
         centre, flip, ten_views = got["modes"]
         print(f"{folder.name}: {got['epochs']} epochs, {got['wall']:,.0f} s, validation {centre:.2f} / {flip:.2f} / "
-              f"{ten_views:.2f}% (centre / flip / ten), training accuracy {got['train']:.2f}%")
+              f"{ten_views:.2f}% (centre / flip / ten), training accuracy {got['train']:.2f}%"
+              + (f", fit {100 * got['fit']:.2f}%" if got["fit"] is not None else "")
+              + (", average {:.2f} / {:.2f} / {:.2f}%".format(*got["average"]) if got["average"] else "")
+              + (f", average's fit {100 * got['average_fit']:.2f}%" if got["average_fit"] is not None else ""))
         seeds[folder.name.rsplit("_seed", 1)[0]].append(got["modes"])
     for name, runs in seeds.items():
         if len(runs) > 1:

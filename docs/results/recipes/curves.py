@@ -1,0 +1,31 @@
+"""Validation accuracy (centre crop) after every epoch, one column per run, read from each run's metrics file.
+
+    python docs/results/recipes/curves.py default_seed0 default_seed1 default_seed2 fc1scaled_seed0
+
+A run still going can be named by its metrics file's path instead of a folder beside this script.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def validation_by_epoch(name: str) -> dict:
+    path = Path(name) if name.endswith(".jsonl") else HERE / name / "metrics.jsonl"
+    rows = map(json.loads, path.read_text().splitlines())
+    return {int(row["epoch"]): 100 * row["Accuracy/Validation"] for row in rows if "Accuracy/Validation" in row}
+
+
+def main(names: list) -> None:
+    curves = {name: validation_by_epoch(name) for name in names}
+    labels = [Path(name).parent.parent.name if name.endswith(".jsonl") else name for name in names]
+    print("epoch " + " ".join(f"{label[-16:]:>16}" for label in labels))
+    for epoch in range(1, max(max(curve, default=0) for curve in curves.values()) + 1):
+        print(f"{epoch:5} " + " ".join(f"{curve[epoch]:16.2f}" if epoch in curve else f"{'':16}"
+                                       for curve in curves.values()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
