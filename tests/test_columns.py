@@ -109,3 +109,30 @@ def test_bad_column_layouts_are_refused_in_one_line(processes, flags, message, t
     else:  # torchrun's own status and report are its business (1 when it stopped the others); the ranks exited 2
         assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr
     assert list(tmp_path.iterdir()) == []  # no run folder, no weights
+
+
+def test_predictions_under_columns_are_one_process_predictions(one_process, tmp_path):
+    """--predict launched with --parallel columns on 2 processes gives one process's probabilities for the same
+    weights, written once."""
+    import json
+
+    from PIL import Image
+
+    reference, _ = one_process
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(3):
+        pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(images / f"image{index}.png")
+    predict = ["--predict", images, "--load_model_path", reference / "model.pth", "--mixed_precision", "no",
+               "--tta", "ten", "--top_k", "10"]
+    single = run_cli(predict + ["--predict_json", "one.json"], cwd=tmp_path)
+    pair = run_cli(predict + COLUMNS + ["--groups", "2", "--predict_json", "pair.json"], cwd=tmp_path, processes=2)
+    assert single.returncode == 0 and pair.returncode == 0, single.stderr + pair.stderr
+    assert pair.stdout.count("image0.png:") == 1  # only the main process prints
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "pair.json"))
+    assert [row["file"] for row in one] == [row["file"] for row in two] and len(one) == 3
+    for first, second in zip(one, two):
+        for a, b in zip(first["top"], second["top"]):
+            assert a["class"] == b["class"] and abs(a["probability"] - b["probability"]) < 1e-5
