@@ -21,9 +21,10 @@ def validation_by_epoch(name: str) -> dict:
 def main(names: list) -> None:
     curves = {name: validation_by_epoch(name) for name in names}
     labels = [Path(name).parent.parent.name if name.endswith(".jsonl") else name for name in names]
-    print("epoch " + " ".join(f"{label[-16:]:>16}" for label in labels))
+    width = max(8, *map(len, labels))
+    print("epoch " + " ".join(f"{label:>{width}}" for label in labels))
     for epoch in range(1, max(max(curve, default=0) for curve in curves.values()) + 1):
-        print(f"{epoch:5} " + " ".join(f"{curve[epoch]:16.2f}" if epoch in curve else f"{'':16}"
+        print(f"{epoch:5} " + " ".join(f"{curve[epoch]:{width}.2f}" if epoch in curve else " " * width
                                        for curve in curves.values()))
 
 
