@@ -213,11 +213,6 @@ class Column(nn.Module):
         x = second(gather(dropout_second(relu(x)), group))  # fc2 reads both halves of fc1
         return SumOverPair.apply(last(relu_second(x)), group)  # the logits: both halves' contributions
 
-        # hooks rather than overrides, so that they act wherever the column sits: in DDP, in the weights' average
-        self.entries = list(super().state_dict().keys())
-        self.register_state_dict_post_hook(_gather_on_save)
-        self.register_load_state_dict_pre_hook(_split_on_load)
-
     def whole(self) -> AlexNet:
         """The ordinary two-column network with these weights (a collective of the pair: both call it)."""
         with torch.random.fork_rng(devices=[]):  # building it draws initial weights; the run's stream stays
