@@ -5,16 +5,14 @@
 A run still going can be named by its metrics file's path instead of a folder beside this script.
 """
 
-import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from table import metrics
 
 
 def validation_by_epoch(name: str) -> dict:
-    path = Path(name) if name.endswith(".jsonl") else HERE / name / "metrics.jsonl"
-    rows = map(json.loads, path.read_text().splitlines())
+    rows = metrics(name)
     return {int(row["epoch"]): 100 * row["Accuracy/Validation"] for row in rows if "Accuracy/Validation" in row}
 
 

@@ -20,8 +20,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def metrics(name) -> list:
+    """The rows of a run's metrics file: a folder beside this script (or any folder), or a metrics.jsonl path."""
+    path = Path(name)
+    if path.suffix != ".jsonl":
+        path = (HERE / path) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def figures(folder: Path) -> dict:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(folder)
     final = next(row for row in reversed(rows) if "time/total" in row)
     last_epoch = next(row for row in reversed(rows) if "Accuracy/Train" in row)
     modes = [100 * final[f"Accuracy/Validation_final/tta_{mode}"] for mode in ("none", "flip", "ten")]
