@@ -170,9 +170,11 @@ def release(decision: Decision):
 
 
 def with_weights_settings(cfg: Config, weights: dict) -> Config:
-    """Evaluation and predictions use the network and preprocessing the weights were trained with."""
+    """Evaluation and predictions use the network and preprocessing the weights were trained with (weights from
+    before --lrn_alpha existed were trained at its default, the paper's)."""
     trained = weights["config"] or {}
     settings = {key: tuple(trained[key]) for key in ("resize", "random_crop", "mean", "std") if key in trained}
+    settings["lrn_alpha"] = trained.get("lrn_alpha", Config.lrn_alpha)
     # the same validation split as in training, so that a data set without test/ is not scored on training images
     settings.update({key: trained[key] for key in ("seed", "val_size") if key in trained})
     return dataclasses.replace(cfg, groups=weights["architecture"]["groups"], **settings)

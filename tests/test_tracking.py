@@ -185,15 +185,16 @@ def test_two_processes_make_one_tracker_run(tmp_path):
 
 
 def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_trained_with(tmp_path):
-    """Weights trained with another resize, crop, mean and std, evaluated and used for predictions without those
-    flags: both follow the weights file, as a preprocessing written out here by hand does. The training run's own
+    """Weights trained with another resize, crop, mean and std, and a normalisation that acts (--lrn_alpha 2),
+    evaluated and used for predictions without those flags: both follow the weights file, as a preprocessing and
+    network written out here by hand do. The training run's own
     test accuracy, in ten views, is the hand-cut views' too. Predictions skip a file that is not an image and give
     the --top_k most probable classes, most probable first."""
     preprocessing = {"resize": (72, 72), "random_crop": (66, 66), "mean": (0.3, 0.4, 0.5), "std": (0.2, 0.25, 0.3)}
     flags = [f"--{name}={','.join(map(str, value))}" for name, value in preprocessing.items()]
     trained = run_cli(
         QUICK + flags + ["--init", "kaiming", "--num_epochs", "2", "--mixed_precision", "no", "--save", "model.pth",
-                         "--tta", "ten", "--lr", "0.01"],
+                         "--tta", "ten", "--lr", "0.01", "--lrn_alpha", "2"],
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr
@@ -206,7 +207,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
     # by hand: resize 72 (bilinear, antialiased, rounded to uint8), the centre 66 x 66, (x / 255 - mean) / std
     from alexnet_dist.model import alexnet
 
-    model = alexnet(num_classes=len(classes), dropout=0.0)
+    model = alexnet(num_classes=len(classes), dropout=0.0, lrn_alpha=2.0)
     model.load_state_dict(torch.load(tmp_path / "model.pth")["state_dict"])
     resized = (
         torch.nn.functional.interpolate(test.images.float(), size=(72, 72), mode="bilinear", antialias=True)

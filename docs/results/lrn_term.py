@@ -30,7 +30,7 @@ def main(weights: str, data_dir: str, images: int = 1000, seed: int = 0):
     cfg = Config.from_flags({"dataset": "folder", "data_dir": data_dir, "seed": saved.get("seed", seed),
                              "logger": "none"})
     data = load_data(cfg, torch.device("cpu"), writer=True)
-    model = alexnet(groups=payload["architecture"]["groups"])
+    model = alexnet(groups=payload["architecture"]["groups"], lrn_alpha=saved.get("lrn_alpha", Config.lrn_alpha))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     sample = resize_images(data.val.images[:images], cfg.resize)
