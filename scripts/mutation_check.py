@@ -97,6 +97,11 @@ MUTATIONS = [
     Mutation("conv1_from_data", TRAINING, "if cfg.conv1_from_data and weights is None", "if False",
              (row("conv1_from_data"),)),
     Mutation("lrn_alpha", TRAINING, "lrn_alpha=cfg.lrn_alpha)", "lrn_alpha=1e-4)", (row("lrn_alpha"),)),
+    # evaluation and predictions build the network the weights file was trained with (it had used the flag's default)
+    Mutation("weights_lrn_alpha", "alexnet_dist/preflight.py",
+             'settings["lrn_alpha"] = trained.get("lrn_alpha", Config.lrn_alpha)', "pass",
+             ("tests/test_tracking.py::test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_"
+              "trained_with",)),
     # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
     Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",
              "torch.cat(parts.chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
