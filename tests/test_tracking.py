@@ -187,9 +187,9 @@ def test_two_processes_make_one_tracker_run(tmp_path):
 def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_trained_with(tmp_path):
     """Weights trained with another resize, crop, mean and std, and a normalisation that acts (--lrn_alpha 2),
     evaluated and used for predictions without those flags: both follow the weights file, as a preprocessing and
-    network written out here by hand do. The training run's own
-    test accuracy, in ten views, is the hand-cut views' too. Predictions skip a file that is not an image and give
-    the --top_k most probable classes, most probable first."""
+    network written out here by hand do. The training run's own test accuracy, in ten views, is the hand-cut views'
+    too. Predictions skip a file that is not an image and give the --top_k most probable classes, most probable
+    first."""
     preprocessing = {"resize": (72, 72), "random_crop": (66, 66), "mean": (0.3, 0.4, 0.5), "std": (0.2, 0.25, 0.3)}
     flags = [f"--{name}={','.join(map(str, value))}" for name, value in preprocessing.items()]
     trained = run_cli(
