@@ -15,6 +15,7 @@ from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.config import Config
 from alexnet_dist.data import load_data, resize_images
 from alexnet_dist.model import alexnet
+from alexnet_dist.preflight import with_weights_settings
 
 
 def window_sums(x: torch.Tensor, size: int = 5) -> torch.Tensor:
@@ -26,11 +27,10 @@ def window_sums(x: torch.Tensor, size: int = 5) -> torch.Tensor:
 
 def main(weights: str, data_dir: str, images: int = 1000, seed: int = 0):
     payload = read_weights(weights)
-    saved = payload["config"] or {}
-    cfg = Config.from_flags({"dataset": "folder", "data_dir": data_dir, "seed": saved.get("seed", seed),
-                             "logger": "none"})
+    flags = {"dataset": "folder", "data_dir": data_dir, "seed": seed, "logger": "none"}
+    cfg = with_weights_settings(Config.from_flags(flags), payload)  # the run's split, network and preprocessing
     data = load_data(cfg, torch.device("cpu"), writer=True)
-    model = alexnet(groups=payload["architecture"]["groups"], lrn_alpha=saved.get("lrn_alpha", Config.lrn_alpha))
+    model = alexnet(groups=cfg.groups, lrn_alpha=cfg.lrn_alpha)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     sample = resize_images(data.val.images[:images], cfg.resize)
