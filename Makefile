@@ -1,11 +1,12 @@
-# make train: set up .venv and run the main job; make test: set up .venv, run the linter and the tests.
+# make train: set up .venv and run the main job; make test: set up .venv, run the linter and the tests;
+# make test-kernels: the tests marked `exact` again under the kernels of CPUs without AVX-512, and without AVX2.
 # Extra training flags: make train ARGS="--dataset fake --num_epochs 6"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: setup train test clean FORCE
+.PHONY: setup train test test-kernels clean FORCE
 
 setup: $(VENV)/.installed
 
@@ -28,6 +29,12 @@ train: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=10 tests
+
+# A user's CPU is not ours: PyTorch and oneDNN pick their kernels by what the CPU has, and the tests that compare runs
+# must hold under every choice (docs/development.md)
+test-kernels: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup -m exact tests
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup -m exact tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -19,10 +19,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.functional import pil_to_tensor
 
 from .config import UsageError
 from .files import atomic_write, unwritable_folder
@@ -66,6 +62,9 @@ class UnreadableImage(Exception):
 
 def read_image(path) -> torch.Tensor:
     """One image file as uint8 RGB (3, H, W); UnreadableImage names the file otherwise."""
+    from torchvision.io import ImageReadMode, decode_image  # torchvision here: its import costs every launch 1.2 s
+    from torchvision.transforms.functional import pil_to_tensor
+
     try:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception:
@@ -201,6 +200,9 @@ def decode_cached(files, root: Path, size, cache_dir: Path | None, num_workers: 
 
 def download_cifar10(root: Path):
     """Download and verify CIFAR-10 into `root` unless its batches are there (main process only)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
     if (root / CIFAR10_FOLDER).is_dir():
         return
     archive = root / CIFAR10.filename
@@ -217,6 +219,8 @@ def download_cifar10(root: Path):
 
 def cifar10(root: Path) -> tuple:
     """(training, test, class names) of the CIFAR-10 batches in `root`, each file checked against its md5."""
+    from torchvision.datasets import CIFAR10
+
     folder = root / CIFAR10_FOLDER
     try:
         splits = CIFAR10(str(root), train=True), CIFAR10(str(root), train=False)

@@ -107,7 +107,7 @@ class Augmentation:
         return images[batch, channel, rows, _reflect(cols, width)[:, None, None, :]]
 
     def normalise(self, images, colour=None):
-        out = images.float().mul_(self.scale).add_(self.shift)
+        out = images.to(self.scale.dtype).mul_(self.scale).add_(self.shift)  # torch's default dtype (float32)
         if colour is not None and self.colour_basis is not None:
             out += ((colour @ self.colour_basis.T)[:, :, None, None] / self.std)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out

@@ -5,10 +5,15 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,24 +24,24 @@ import torch
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
-# a fake-data run of a few optimizer steps: 180 training images, batch 32, the centre crop at test time
-QUICK = [
-    "--dataset",
-    "fake",
-    "--logger",
-    "none",
-    "--num_epochs",
-    "1",
-    "--batch_size",
-    "32",
-    "--fraction_of_data",
-    "0.2",
-    "--tta",
-    "none",
-]
+LAUNCHER = ROOT / "tests" / "launcher.py"
+# a fake-data run of 5 optimizer steps: of the 1,000 training images 20 held out for validation and 180 of the rest
+# trained on (0.1837 x 980), batch 32, the centre crop at test time. The final report evaluates the validation
+# images in every test-time mode (13 views each): 20 of them, not the default 100, halve a launch's time.
+QUICK = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--batch_size", "32", "--val_size", "0.02",
+         "--fraction_of_data", "0.1837", "--tta", "none"]
 # dropout and random augmentation off (no resize margin either): every launch of the same flags takes the same
 # optimizer steps, so weights can be compared across launches
 NO_RANDOMNESS = ["--dropout", "0", "--flip=False", "--translate", "0", "--resize", "64", "--random_crop", "64"]
+# an image folder written by write_image_folder, in `images`
+FOLDER = ["--dataset", "folder", "--data_dir", "images", "--batch_size", "32", "--num_epochs", "1", "--logger", "none",
+          "--mixed_precision", "no", "--tta", "none"]
+# every launch takes the same 5 optimizer steps: weights compare across processes, nodes and accumulation (in float64)
+SAME_STEPS = QUICK + NO_RANDOMNESS + ["--init", "kaiming", "--mixed_precision", "no"]
+# a schedule blind to num_epochs (a resume may add epochs), fp32 and a checkpoint at every epoch's end: the runs the
+# resume tests stop, resume and compare
+RESUMABLE = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_precision", "no", "--checkpoint_minutes",
+                     "0"]
 
 
 def free_port() -> int:
@@ -77,28 +82,169 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`."""
+@dataclass
+class Result:
+    """A finished launch: its status and output, and what it wrote, read from its files."""
+    command: list
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def ok(self) -> "Result":
+        assert self.returncode == 0, f"{' '.join(self.command)} exited {self.returncode}:\n{self.stderr[-3000:]}"
+        return self
+
+    def accuracy(self, title: str = "test (tta none)") -> tuple:
+        """(percent as printed, images right, images counted) of the report's 'TITLE accuracy' line."""
+        found = re.search(re.escape(title) + r" accuracy ([\d.]+)% \((\d+)/(\d+) images\)", self.stdout)
+        assert found, f"no '{title} accuracy' in:\n{self.stdout[-3000:]}"
+        return found.group(1), int(found.group(2)), int(found.group(3))
+
+    def weights(self, name="model.pth") -> dict:
+        """The state dict of a weights file the run wrote (relative to its folder)."""
+        from alexnet_dist.checkpoint import read_weights
+
+        return read_weights(self.cwd / name)["state_dict"]
+
+    def rank_weights(self, rank: int = 0) -> dict:
+        """The weights rank `rank` held at the end (launched with rank_weights=True)."""
+        return torch.load(self.cwd / f"rank{rank}.pt", weights_only=True)
+
+    def losses(self) -> list:
+        """The printed training losses, one per log point."""
+        return re.findall(r"^step \d+: training loss ([\d.]+)", self.stdout, flags=re.M)
+
+
+def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64=False,
+            rank_weights=False) -> Result:
+    """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`. `float64`: the network in
+    double precision, for the exactness tests; `rank_weights`: every rank saves the weights it ends with (both
+    through tests/launcher.py)."""
+    env = dict(env or cli_env())
+    if float64 or rank_weights:
+        assert script == TRAIN, "the launcher runs launch/train.py's entry point only"
+        script = LAUNCHER
+        env.update({"TEST_FLOAT64": "1"} if float64 else {})
+        env.update({"TEST_RANK_WEIGHTS": str(cwd)} if rank_weights else {})
     if processes == 1:
         command = [sys.executable, str(script), *map(str, args)]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-            str(script),
-            *map(str, args),
-        ]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(script), *map(str, args)]
     try:
-        return subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:  # a loaded machine: say what the run had done by then
         def text(out):
             return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
         output = text(error.stdout)[-3000:] + text(error.stderr)[-3000:]
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s; its output so far:\n{output}") from None
+    return Result(command, Path(cwd), done.returncode, done.stdout, done.stderr)
+
+
+class Running:
+    """A launch whose output is read as it comes, so that a test waits for a line or a file instead of sleeping
+    blindly, then signals or kills it."""
+
+    def __init__(self, command: list, cwd, env: dict, own_group: bool = False):
+        """`own_group`: in a process group of its own, as a terminal's foreground job (Ctrl-C: os.killpg)."""
+        self.own_group = own_group
+        self.process = subprocess.Popen([str(part) for part in command], cwd=cwd,
+                                        env={**env, "PYTHONUNBUFFERED": "1"}, text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=own_group)
+        self.out, self.err = [], []
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list):
+        for line in stream:
+            lines.append(line)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def _fail(self, why: str):
+        self.kill()
+        raise AssertionError(f"{why}\n--- stdout:\n{self.stdout[-3000:]}\n--- stderr:\n{self.stderr[-3000:]}")
+
+    def wait_for(self, condition, what: str, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                self._fail(f"ended (status {self.process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                self._fail(f"no {what} within {timeout} s")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._fail(f"still running after {timeout} s")
+        for reader in self.readers:
+            reader.join(timeout=10)
+        return self.process.returncode
+
+    def kill(self):
+        """SIGKILL to the process (to its whole group, if it has its own: torchrun's workers too); then its output."""
+        if self.own_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
+        self.process.wait()
+        for reader in self.readers:
+            reader.join(timeout=10)
+
+
+def launch(args, cwd, env=None, script=TRAIN) -> Running:
+    """`python SCRIPT ARGS` in `cwd`, running on while the test watches it."""
+    return Running([sys.executable, str(script), *map(str, args)], cwd, env or cli_env())
+
+
+def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
+    """Each rank as its own process (the environment torchrun would set), so that each one's status is seen."""
+    port = free_port()
+    return [launch(args, cwd, cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                   script=script)
+            for rank in range(processes)]
+
+
+def assert_same_weights(first: dict, second: dict, exact: bool = False):
+    """The same keys and, name by name, the same values: bit for bit (`exact`, the same computation repeated), or
+    to float64 rounding (the same training computed another way: other processes, layouts or accumulation, in
+    float64). A wrong exchange or a lost step moves weights by 1e-4 or more; float64's rounding after a few steps
+    stays below 1e-14 of a weight."""
+    assert first.keys() == second.keys()
+    for name in first:
+        if exact:
+            assert torch.equal(first[name], second[name]), name
+        else:
+            assert first[name].dtype == torch.float64, f"{name}: compare launches in float64 (run_cli(float64=True))"
+            torch.testing.assert_close(first[name], second[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def write_image_folder(root: Path, split: str, imageset, classes, count: int) -> list:
+    """The first `count` images of `imageset` as PNGs under root/split/<class>/; their paths."""
+    from torchvision.io import write_png
+
+    paths = []
+    for index in range(count):
+        folder = root / split / classes[int(imageset.labels[index])]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"{index}.png")
+        write_png(imageset.images[index], str(paths[-1]))
+    return paths
 
 
 def metric_rows(run_dir: Path) -> list:

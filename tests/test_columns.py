@@ -4,87 +4,78 @@ learns with --groups 2, count each image once, and share weights files and check
 import re
 
 import pytest
-import torch
-from conftest import copy_run_folder, run_cli
+from conftest import SAME_STEPS, assert_same_weights, copy_run_folder, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_weights
 
-# no dropout, no augmentation, fp32: the layouts then differ only by float rounding. 180 training images at
-# batch 32: 5 optimizer steps; a checkpoint every 2 steps; a weights' average (its file, model_ema.pth, and its
-# place in the checkpoints are the whole network's too)
-EXACT = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", "--fraction_of_data", "0.2",
-         "--batch_size", "32", "--mixed_precision", "no", "--dropout", "0", "--noflip", "--translate", "0",
-         "--resize", "64", "--random_crop", "64", "--groups", "2", "--tta", "none", "--log_freq", "1",
-         "--checkpoint_steps", "2", "--keep_checkpoints", "5", "--ema", "0.9"]
+# the paper's two columns, trained without randomness in float64 (the layouts then differ only by float64's
+# rounding): 5 optimizer steps; a checkpoint after step 3 (and the last); a weights' average (its file,
+# model_ema.pth, and its place in the checkpoints are the whole network's too)
+EXACT = SAME_STEPS + ["--groups", "2", "--log_freq", "1", "--checkpoint_steps", "3", "--keep_checkpoints", "2",
+                      "--ema", "0.9"]
 COLUMNS = ["--parallel", "columns"]
 
 
-def printed_test_accuracy(output: str) -> tuple:
-    """(accuracy text, images counted) of the printed test accuracy."""
-    found = re.search(r"test \(tta none\) accuracy ([\d.]+)% \(\d+/(\d+) images\)", output)
-    return found.group(1), int(found.group(2))
+def train(folder, processes: int = 1):
+    layout = COLUMNS if processes > 1 else []
+    return run_cli(EXACT + layout + ["--save", "model.pth", "--run_dir", "run"], cwd=folder, processes=processes,
+                   float64=True).ok()
 
 
-def assert_same_weights(first, second):
-    one, other = read_weights(first)["state_dict"], read_weights(second)["state_dict"]
-    assert one.keys() == other.keys()
-    for name in one:
-        torch.testing.assert_close(one[name], other[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
+# module fixtures, read by the tests of one worker (xdist_group): each run is made once
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: one process with --groups 2."""
-    folder = tmp_path_factory.mktemp("one")
-    result = run_cli(EXACT + ["--save", "model.pth", "--run_dir", "run"], cwd=folder)
-    assert result.returncode == 0, result.stderr
-    return folder, result
+    return train(tmp_path_factory.mktemp("one"))
 
 
+@pytest.fixture(scope="module")
+def column_pair(tmp_path_factory):
+    """The two columns on a pair of processes."""
+    return train(tmp_path_factory.mktemp("pair"), processes=2)
+
+
+@pytest.mark.exact
+@pytest.mark.xdist_group("columns")
 @pytest.mark.parametrize("processes", [2, 4])
-def test_columns_learn_what_one_process_learns_and_count_each_image_once(processes, one_process, tmp_path):
-    reference, single = one_process
-    result = run_cli(EXACT + COLUMNS + ["--save", "model.pth", "--run_dir", "run"], cwd=tmp_path,
-                     processes=processes)
-    assert result.returncode == 0, result.stderr
+def test_columns_learn_what_one_process_learns_and_count_each_image_once(processes, one_process, column_pair,
+                                                                          tmp_path):
+    result = column_pair if processes == 2 else train(tmp_path, processes)
     pairs = processes // 2
     assert f"global batch 32 = {pairs} pair(s) of column processes x 1 accumulation step(s) x {32 // pairs} images" \
         in result.stdout
     assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
     for name in ("model.pth", "model_ema.pth"):
-        assert_same_weights(tmp_path / name, reference / name)
-    assert printed_test_accuracy(result.stdout) == printed_test_accuracy(single.stdout)
-    assert printed_test_accuracy(result.stdout)[1] == 200  # fake data's test images, each once (not once a column)
-    losses = [line.split(",")[0] for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert losses == [line.split(",")[0] for line in single.stdout.splitlines() if line.startswith("step ")]
+        assert_same_weights(result.weights(name), one_process.weights(name))
+    assert result.accuracy() == one_process.accuracy()
+    assert result.accuracy()[2] == 200  # fake data's test images, each once (not once a column)
+    assert result.losses() == one_process.losses() and len(result.losses()) == 5
 
 
-def test_weights_and_checkpoints_cross_between_the_layouts(one_process, tmp_path):
+@pytest.mark.exact
+@pytest.mark.xdist_group("columns")
+def test_weights_and_checkpoints_cross_between_the_layouts(one_process, column_pair, tmp_path):
     """Trained with columns, evaluated by one process (and the other way round) with the same accuracy; a
     mid-epoch checkpoint of either layout resumes under the other and ends where an unbroken run ends."""
-    reference, single = one_process
-    columns = run_cli(EXACT + COLUMNS + ["--save", "model.pth", "--run_dir", "run"], cwd=tmp_path, processes=2)
-    assert columns.returncode == 0, columns.stderr
-    assert read_weights(tmp_path / "model.pth")["architecture"] == {"groups": 2, "num_classes": 10}
+    reference, columns = one_process.cwd, column_pair
+    assert read_weights(columns.cwd / "model.pth")["architecture"] == {"groups": 2, "num_classes": 10}
 
     evaluate = ["--dataset", "fake", "--train=False", "--tta", "none", "--mixed_precision", "no"]
-    by_one = run_cli(evaluate + ["--load_model_path", tmp_path / "model.pth"], cwd=tmp_path)
+    by_one = run_cli(evaluate + ["--load_model_path", columns.cwd / "model.pth"], cwd=tmp_path, float64=True).ok()
     by_pair = run_cli(evaluate + COLUMNS + ["--groups", "2", "--load_model_path", reference / "model.pth"],
-                      cwd=tmp_path, processes=2)
-    assert by_one.returncode == 0 and by_pair.returncode == 0, by_one.stderr + by_pair.stderr
-    assert printed_test_accuracy(by_one.stdout) == printed_test_accuracy(columns.stdout)
-    assert printed_test_accuracy(by_pair.stdout) == printed_test_accuracy(single.stdout)
+                      cwd=tmp_path, processes=2, float64=True).ok()
+    assert by_one.accuracy() == columns.accuracy()
+    assert by_pair.accuracy() == one_process.accuracy()
 
-    for source, launch, processes in ((tmp_path, [], 1), (reference, COLUMNS, 2)):
+    for source, launch, processes in ((columns.cwd, [], 1), (reference, COLUMNS, 2)):
         copy = copy_run_folder(source / "run", tmp_path / f"resumed{processes}")
-        step_two = complete_checkpoints(copy / "checkpoints")[0]
-        assert step_two.name == "step-0000002"
-        resumed = run_cli(EXACT + launch + ["--save", f"resumed{processes}.pth", "--resume", step_two],
-                          cwd=tmp_path, processes=processes)
-        assert resumed.returncode == 0, resumed.stderr
+        step_three = complete_checkpoints(copy / "checkpoints")[0]
+        assert step_three.name == "step-0000003"
+        resumed = run_cli(EXACT + launch + ["--save", f"resumed{processes}.pth", "--resume", step_three],
+                          cwd=tmp_path, processes=processes, float64=True).ok()
         assert "resumed from" in resumed.stdout
-        assert_same_weights(tmp_path / f"resumed{processes}.pth", reference / "model.pth")
-        assert_same_weights(tmp_path / f"resumed{processes}_ema.pth", reference / "model_ema.pth")
+        assert_same_weights(resumed.weights(f"resumed{processes}.pth"), one_process.weights())
+        assert_same_weights(resumed.weights(f"resumed{processes}_ema.pth"), one_process.weights("model_ema.pth"))
 
 
 @pytest.mark.parametrize(
@@ -111,28 +102,3 @@ def test_bad_column_layouts_are_refused_in_one_line(processes, flags, message, t
     assert list(tmp_path.iterdir()) == []  # no run folder, no weights
 
 
-def test_predictions_under_columns_are_one_process_predictions(one_process, tmp_path):
-    """--predict launched with --parallel columns on 2 processes gives one process's probabilities for the same
-    weights, written once."""
-    import json
-
-    from PIL import Image
-
-    reference, _ = one_process
-    images = tmp_path / "images"
-    images.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for index in range(3):
-        pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=generator)
-        Image.fromarray(pixels.numpy()).save(images / f"image{index}.png")
-    predict = ["--predict", images, "--load_model_path", reference / "model.pth", "--mixed_precision", "no",
-               "--tta", "ten", "--top_k", "10"]
-    single = run_cli(predict + ["--predict_json", "one.json"], cwd=tmp_path)
-    pair = run_cli(predict + COLUMNS + ["--groups", "2", "--predict_json", "pair.json"], cwd=tmp_path, processes=2)
-    assert single.returncode == 0 and pair.returncode == 0, single.stderr + pair.stderr
-    assert pair.stdout.count("image0.png:") == 1  # only the main process prints
-    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "pair.json"))
-    assert [row["file"] for row in one] == [row["file"] for row in two] and len(one) == 3
-    for first, second in zip(one, two):
-        for a, b in zip(first["top"], second["top"]):
-            assert a["class"] == b["class"] and abs(a["probability"] - b["probability"]) < 1e-5

@@ -136,6 +136,8 @@ BAD_INPUTS = [
     (["--save", "{weights}/notes.txt/model.pth"], "/notes.txt/model.pth cannot be written ("),
     (["--predict", "x.jpg", "--load_model_path", "{weights}/two_columns.pth", "--predict_json",
       "{weights}/notes.txt/out.json"], "/notes.txt/out.json cannot be written ("),
+    (["--predict", "x.jpg", "--load_model_path", "{weights}/two_columns.pth", "--parallel", "columns",
+      "--groups", "2"], "--predict runs the whole network on the main process: drop --parallel columns"),
 ]
 
 

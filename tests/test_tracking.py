@@ -65,9 +65,7 @@ def test_offline_wandb_run_holds_the_final_accuracies(tmp_path):
     runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     summary = wandb_summary(runs[0])
-    correct, total = map(
-        int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups()
-    )
+    _, correct, total = result.accuracy()
     assert summary["Accuracy/Test"] == pytest.approx(correct / total)  # what the run printed
     last = json.loads(next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()[-1])
     wall = time.monotonic() - began
@@ -109,7 +107,7 @@ def test_tensorboard_events_hold_the_three_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # with the paper's colour noise and cutout on: a run with them ends with its test accuracy (what they do to a
-    # batch: test_promises.py::test_colour_noise_and_cutout_change_training_batches_only)
+    # batch: test_loaders.py::test_colour_noise_and_cutout_change_training_batches_only)
     noisy = ["--pca_color", "0.1", "--cutout", "16"]
     result = run_cli(QUICK + noisy + ["--logger", "tensorboard", "--log_freq", "1", "--run_dir", "tb"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -120,9 +118,7 @@ def test_tensorboard_events_hold_the_three_curves(tmp_path):
     tags = accumulator.Tags()["scalars"]
     assert {"Loss/Train", "Accuracy/Train", "Accuracy/Validation"} <= set(tags)
     assert len(accumulator.Scalars("Loss/Train")) == 5  # one per optimizer step at log_freq 1
-    correct, total = map(
-        int, re.search(r"test \(tta none\) accuracy [\d.]+% \((\d+)/(\d+) images\)", result.stdout).groups()
-    )
+    _, correct, total = result.accuracy()
     assert accumulator.Scalars("Accuracy/Test")[-1].value == pytest.approx(correct / total)
     assert {"test/confusion_matrix_image", "test/most_confused_pairs"} <= set(accumulator.Tags()["images"])
 

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, copy_run_folder, run_cli
+from conftest import QUICK, ROOT, assert_same_weights, copy_run_folder, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.model import alexnet
-
-HELPER = ROOT / "tests" / "rank_weights.py"
 
 
 def test_train_then_evaluate_saved_weights(tmp_path):
@@ -31,7 +29,7 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert weights["classes"] == [f"pattern{i}" for i in range(10)]
     assert weights["config"]["batch_size"] == 32 and weights["architecture"] == {"groups": 1, "num_classes": 10}
     assert len(list((tmp_path / "runs").iterdir())) == 1
-    trained = re.search(r"test \(tta none\) accuracy ([\d.]+)%", result.stdout).group(1)
+    trained = result.accuracy()
 
     evaluation = run_cli(
         [
@@ -48,7 +46,7 @@ def test_train_then_evaluate_saved_weights(tmp_path):
         cwd=tmp_path,
     )
     assert evaluation.returncode == 0, evaluation.stderr
-    assert re.search(r"test \(tta none\) accuracy ([\d.]+)%", evaluation.stdout).group(1) == trained
+    assert evaluation.accuracy() == trained
     assert "pattern9" in evaluation.stdout  # per-class lines
     assert len(list((tmp_path / "runs").iterdir())) == 1  # evaluation writes no run
 
@@ -120,7 +118,7 @@ def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan_and_end_with
     assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
     assert len(list((tmp_path / "p2" / "runs").iterdir())) == 1
     rank0, rank1 = records[2]
-    assert all(torch.equal(rank0["weights"][name], rank1["weights"][name]) for name in rank0["weights"])
+    assert_same_weights(rank0["weights"], rank1["weights"], exact=True)  # DDP kept the ranks' copies equal
     assert len(rank0["masks"]) == 2 and rank0["masks"][0].shape == (16, 256 * 36)
     for first, second in zip(rank0["masks"], rank1["masks"]):
         assert not torch.equal(first, second)
@@ -164,8 +162,7 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
         cwd=tmp_path,
     )
     assert evaluation.returncode == 0, evaluation.stderr
-    printed = r"test \(tta none\) accuracy ([\d.]+)%"
-    assert re.search(printed, evaluation.stdout).group(1) == re.search(printed, trained.stdout).group(1)
+    assert evaluation.accuracy() == trained.accuracy()
     from torchvision.io import write_png
 
     from alexnet_dist.data import fake

@@ -1,0 +1,28 @@
+"""launch/train.py as the tests launch it, with two test-only switches read from the environment:
+
+    TEST_FLOAT64=1        torch's default dtype float64: the network, its inputs and gradients in double precision
+    TEST_RANK_WEIGHTS=DIR each rank saves its own weights as DIR/rank<R>.pt after the run
+
+The exactness tests (marked `exact`) compare layouts, launches, accumulation and resumes in float64. In float32 a few
+decisions of every step (a ReLU input, or the gap between a max-pool window's two largest values) lie within
+float32's rounding of a tie, and another CPU's kernels round them the other way: one such flip moves a layer's
+gradient by up to 5% of its size, and the runs part (docs/results/divergence.py). In float64 the same decisions lie
+about a billion times further from a flip, and a wrong exchange still shows a billion times above the tolerance.
+"""
+
+import os
+import sys
+
+import torch
+
+from alexnet_dist.cli import main, parse_flags, run
+
+if __name__ == "__main__":
+    if os.environ.get("TEST_FLOAT64") == "1":
+        torch.set_default_dtype(torch.float64)
+    out = os.environ.get("TEST_RANK_WEIGHTS")
+    if out is None:
+        main(sys.argv[1:])
+    else:
+        model = run(parse_flags(sys.argv[1:]))
+        torch.save(model.state_dict(), os.path.join(out, f"rank{os.environ.get('RANK', '0')}.pt"))
