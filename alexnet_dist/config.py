@@ -381,7 +381,7 @@ class Config:
     # model
     groups: int = flag(
         1,
-        "1: one column (the seed's widths); 2: the paper's two-column network",
+        "1: one column (the seed project's widths); 2: the paper's two-column network",
         lambda name, value: int(choice("1", "2")(name, value)),
         learned=True,
     )
