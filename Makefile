@@ -22,9 +22,16 @@ $(VENV)/.torch: FORCE
 	@mkdir -p $(VENV)
 	@echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
 
+# accelerate launch's own settings, all given, so that it starts without its warning about the ones it defaulted:
+# one machine, a process per GPU (or one, on the CPU). Its precision 'no' reaches the script as "not set", so the
+# script's --mixed_precision auto still decides. LAUNCH="--config_file configs/multi_gpu.yaml" replaces them all.
+LAUNCH ?= --num_machines 1 --mixed_precision no --dynamo_backend no $(call processes,$(GPUS))
+GPUS = $(shell $(VENV)/bin/python -c "import torch; print(torch.cuda.device_count())")
+processes = $(if $(filter-out 0 1,$(1)),--multi_gpu --num_processes $(1),--num_processes 1)
+
 # -q: a bad flag ends in the script's one line, without the launcher's CalledProcessError traceback
 train: setup
-	$(VENV)/bin/accelerate launch -q launch/train.py --num_epochs 25 $(ARGS)
+	$(VENV)/bin/accelerate launch -q $(LAUNCH) launch/train.py --num_epochs 25 $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .

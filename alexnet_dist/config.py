@@ -366,7 +366,10 @@ class Config:
         1, "newest checkpoints kept, besides the best one by validation accuracy", number(int, low=1)
     )
     allow_config_change: bool = flag(
-        False, "resume even when the flags change what is learned (data, batch, recipe)", _bool
+        False,
+        "resume although flags that change what is learned differ; still refused: another groups, class list, "
+        "number of training images or schedule, and ema switched on or off",
+        _bool,
     )
     skip_nonfinite: bool = flag(
         False, "skip optimizer steps whose loss is not finite instead of stopping the run", _bool
@@ -378,7 +381,7 @@ class Config:
     # model
     groups: int = flag(
         1,
-        "1: one column (the seed's widths); 2: the paper's two-column network",
+        "1: one column (the seed project's widths); 2: the paper's two-column network",
         lambda name, value: int(choice("1", "2")(name, value)),
         learned=True,
     )
@@ -416,7 +419,10 @@ class Config:
     run_name: str | None = flag(None, "name of the run (default: the run directory's name)", _optional_path)
     tags: tuple = flag((), "W&B tags, e.g. --tags baseline,bf16", _texts)
     run_dir: str | None = flag(
-        None, "this run's folder (default: runs/<time>_<run_name or alexnet>); must not exist", _optional_path
+        None,
+        "this run's folder (default: runs/<time>_<run_name or alexnet>); must be new, unless --resume latest "
+        "continues the run in it",
+        _optional_path,
     )
 
     def to_dict(self) -> dict:

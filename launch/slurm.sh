@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Example SLURM job: one torchrun per node, the nodes meeting at the head node (c10d rendezvous).
-#   sbatch launch/slurm.sh --num_epochs 25            (flags after the script go to train.py)
-#   MASTER_PORT=29600 sbatch launch/slurm.sh ...      (the rendezvous port, if the default is taken)
-# Adjust the #SBATCH lines to your cluster; the global batch stays --batch_size (default 256)
-# whatever the number of nodes and GPUs, so the results do not change with the allocation.
-# torchrun starts one process per GPU and Accelerate picks them up as they are (on CPU-only nodes,
-# one process per node); runs/ and the data folder must be on a file system every node sees.
+#   sbatch launch/slurm.sh --num_epochs 25                               (flags after the script go to train.py)
+#   sbatch --nodes 4 --gpus-per-node 4 launch/slurm.sh --num_epochs 25   (sbatch's options win over the lines below)
+#   MASTER_PORT=29600 sbatch launch/slurm.sh ...                         (the rendezvous port, if the default is taken)
+# The counts come from the allocation: nodes from SLURM_NNODES, one process per GPU from SLURM_GPUS_ON_NODE (one
+# per node without GPUs; NPROC_PER_NODE=N sets it). The #SBATCH lines are only what is asked for when sbatch is
+# given no other: 2 nodes x 8 GPUs here; change them, or pass sbatch's options, for your cluster. The global batch
+# stays --batch_size (default 256) whatever the allocation. runs/ and the data folder must be on a file system
+# every node sees.
 #SBATCH --job-name=alexnet-dist
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1          # one launcher per node; it starts one process per GPU
@@ -30,6 +32,6 @@ fi
 
 # c10d: every node runs the same command; if a node has not joined within join_timeout (600 s), the
 # others stop with RendezvousTimeoutError. --kill-on-bad-exit ends the job when any launcher fails.
-srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "${SLURM_GPUS_ON_NODE:-1}" \
+srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}" \
     --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
     launch/train.py "$@"

@@ -2,7 +2,7 @@
 5,000-image sample of the training split that a run now reports at its end (run.py, `Run._fit`), centre crop,
 dropout off, and the validation accuracy with the centre crop beside it.
 
-    python docs/results/fit.py WEIGHTS.pth --data_dir /work/data/cifar10-jpeg
+    python docs/results/fit.py WEIGHTS.pth --data_dir data/cifar10-jpeg
 """
 
 import fire

@@ -1,7 +1,7 @@
 """How much the local response normalisation acts (issue 30, lever 2): on trained weights, the term alpha / n x the
 sum of squares over each map's window, against k = 2, at both normalisation layers, on validation images.
 
-    python docs/results/lrn_term.py WEIGHTS.pth --data_dir /work/data/cifar10-jpeg [--images 1000]
+    python docs/results/lrn_term.py WEIGHTS.pth --data_dir data/cifar10-jpeg [--images 1000]
 
 A layer divides by (k + term)^0.75: with the term far below k it is the constant x / 2^0.75. Printed: the median,
 mean and 90th percentile of the term at the weights' alpha, and the alphas that would put the 90th percentile or the

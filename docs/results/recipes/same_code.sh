@@ -2,18 +2,23 @@
 # Do commits train bit-identically? One short run of the default recipe (bf16 on this CPU, dropout, flips,
 # translation) on 10% of the JPEG training split at each commit, seed 0; then the weights compared.
 # Threads as torch takes them (OMP_NUM_THREADS, else every core): compare commits at one count, e.g.
-#   OMP_NUM_THREADS=1 bash same_code.sh /work/recipe-code/4d13db1 /work/recipe-code/7134a2b
+#   OMP_NUM_THREADS=1 bash same_code.sh CHECKOUT_OF_4d13db1 CHECKOUT_OF_7134a2b
+# Set VENV (an environment with the package's dependencies), DATA (the JPEG tree, see docs/results.md) and OUT
+# (where the runs go); the defaults are relative to this repository. Every path is resolved before the runs start.
 set -e
-out=/work/recipe-code/same_code/threads_${OMP_NUM_THREADS:-all}; mkdir -p $out
+repo=$(cd "$(dirname "$0")/../../.." && pwd)
+VENV=$(cd "${VENV:-$repo/.venv}" && pwd) DATA=$(cd "${DATA:-$repo/data/cifar10-jpeg}" && pwd)
+trees=(); for tree in "$@"; do trees+=("$(cd "$tree" && pwd)"); done
+out=${OUT:-$repo/runs/same_code}/threads_${OMP_NUM_THREADS:-all}; mkdir -p "$out" && out=$(cd "$out" && pwd)
 echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
-for tree in "$@"; do
-  name=$(basename $tree)
+for tree in "${trees[@]}"; do
+  name=$(basename "$tree")
   rm -rf $out/$name && mkdir -p $out/$name && cd $out/$name
-  WANDB_MODE=disabled /work/main/.venv/bin/python $tree/launch/train.py --dataset folder --data_dir /work/data/cifar10-jpeg \
+  WANDB_MODE=disabled "$VENV/bin/python" $tree/launch/train.py --dataset folder --data_dir "$DATA" \
     --fraction_of_data 0.1 --num_epochs 1 --logger none --tta none --save w.pth --run_dir run > log.txt 2>&1
   grep "^epoch" log.txt
 done
-/work/main/.venv/bin/python - "$out" "$@" <<'PY'
+"$VENV/bin/python" - "$out" "$@" <<'PY'
 import sys, torch
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -1,8 +1,13 @@
 #!/bin/bash
 # 25-epoch recipe candidate: the default job with --dropout 0.25 (one change), seed 0, W&B offline
+# code: alexnet-dist commit 8f1615c (the training code of fc4576d), one CPU process
+# Set CODE (a checkout of that commit), VENV (its environment) and DATA (the JPEG tree, see docs/results.md);
+# the defaults are relative to this repository.
 cd "$(dirname "$0")"
+repo=$(cd ../../../.. && pwd)
+CODE=${CODE:-$repo} VENV=${VENV:-$repo/.venv} DATA=${DATA:-$repo/data/cifar10-jpeg}
 export WANDB_MODE=offline WANDB_DIR="$PWD/wandb-dir"
 mkdir -p "$WANDB_DIR"
-exec nice -n 19 /work/main/.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  /work/main/launch/train.py --num_epochs 25 --dataset folder --data_dir /work/data/cifar10-jpeg \
+exec nice -n 19 "$VENV/bin/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  "$CODE/launch/train.py" --num_epochs 25 --dataset folder --data_dir "$DATA" \
   --dropout 0.25 --run_dir run --save model.pth --tags recipe,dropout0.25
