@@ -1,4 +1,5 @@
 # make train: set up .venv and run the main job; make test: set up .venv, run the linter and the tests;
+# make test-slow: the tests marked `slow` (the GPU script's rehearsals, compiled training);
 # make test-kernels: the tests marked `exact` again under the kernels of CPUs without AVX-512, and without AVX2.
 # Extra training flags: make train ARGS="--dataset fake --num_epochs 6"
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: setup train test test-kernels clean FORCE
+.PHONY: setup train test test-slow test-kernels clean FORCE
 
 setup: $(VENV)/.installed
 
@@ -35,7 +36,11 @@ train: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=10 -m "not slow" tests
+
+# the rehearsals and integration runs of a minute or more each (tests marked slow)
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=10 -m slow tests
 
 # A user's CPU is not ours: PyTorch and oneDNN pick their kernels by what the CPU has, and the tests that compare runs
 # must hold under every choice (docs/development.md)

@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, cli_env
+
+pytestmark = pytest.mark.slow  # minutes each: CI runs them with make test-slow
 
 SCRIPT = ROOT / "scripts" / "gpu_session.py"
 MiB = 1024 * 1024

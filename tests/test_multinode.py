@@ -90,7 +90,7 @@ def assert_one_run_written(folder: Path):
     assert (folder / "model.pth").is_file()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one worker runs the tests that read it (xdist_group "one_process"): made once
 def one_process(tmp_path_factory) -> dict:
     """The weights one process reaches with SAME_STEPS, the reference for every launch below."""
     folder = tmp_path_factory.mktemp("one_process")

@@ -127,6 +127,7 @@ def test_ranks_draw_their_own_dropout_masks_over_the_same_data_plan_and_end_with
     assert torch.equal(torch.cat([rank0["inputs"][0], rank1["inputs"][0]]), single)
 
 
+@pytest.mark.slow  # inductor compiles C++ for the CPU: a minute or more
 def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_path):
     """--compile true: the weights file has the plain network's names (no torch.compile prefix), so evaluation
     and predictions load it; a checkpoint of the compiled run resumes, compiled or not."""
