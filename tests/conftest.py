@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import io
 import json
 import os
 import random
@@ -117,10 +118,15 @@ class Result:
 
 
 def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64=False,
-            rank_weights=False) -> Result:
+            rank_weights=False, in_process=False) -> Result:
     """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`. `float64`: the network in
     double precision, for the exactness tests; `rank_weights`: every rank saves the weights it ends with (both
-    through tests/launcher.py)."""
+    through tests/launcher.py). `in_process`: the entry point called in this test process instead, without an
+    interpreter to start and torch to import (4 s of a 13 s launch), for tests of what a run does, not of how a
+    process starts, ends or takes signals."""
+    if in_process:
+        assert script == TRAIN and processes == 1 and env is None and not (float64 or rank_weights)
+        return run_here(args, cwd)
     env = dict(env or cli_env())
     if float64 or rank_weights:
         assert script == TRAIN, "the launcher runs launch/train.py's entry point only"
@@ -220,6 +226,30 @@ def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
             for rank in range(processes)]
 
 
+def run_here(args, cwd) -> Result:
+    """launch/train.py's main(ARGS) in this process, in `cwd`, its output captured and its exit status kept; the
+    process-wide state a run leaves (Accelerate's, the current folder) is reset around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alexnet_dist.cli import main
+
+    args, out, err, status = [str(arg) for arg in args], io.StringIO(), io.StringIO(), 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(args)
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(previous)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return Result(["main", *args], Path(cwd), status, out.getvalue(), err.getvalue())
+
+
 def assert_same_weights(first: dict, second: dict, exact: bool = False):
     """The same keys and, name by name, the same values: bit for bit (`exact`, the same computation repeated), or
     to float64 rounding (the same training computed another way: other processes, layouts or accumulation, in
@@ -314,6 +344,8 @@ def paused_save(folder: Path, seconds: float) -> Path:
 # the longest tests (one minute or so each on two busy cores), started first: the two workers then end together
 # instead of one of them running a long test alone at the end
 LONGEST_FIRST = [
+    "test_columns_learn_what_one_process_learns",  # with its group: the one-process and column-pair runs
+    "test_weights_and_checkpoints_cross_between_the_layouts",
     "test_two_nodes_two_processes_and_accumulation",  # with its group: the reference run and the slurm test
     "test_slurm_script_starts_the_same_two_node_job",
     "test_kills_at_set_points",

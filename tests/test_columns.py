@@ -40,7 +40,7 @@ def column_pair(tmp_path_factory):
 
 @pytest.mark.exact
 @pytest.mark.xdist_group("columns")
-@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("processes", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: pairs data-parallel
 def test_columns_learn_what_one_process_learns_and_count_each_image_once(processes, one_process, column_pair,
                                                                           tmp_path):
     result = column_pair if processes == 2 else train(tmp_path, processes)

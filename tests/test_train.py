@@ -184,6 +184,7 @@ def test_compiled_training_saves_weights_that_evaluate_predict_and_resume(tmp_pa
         assert read_weights(folder / "again.pth")["state_dict"].keys() == state_dict.keys()
 
 
+@pytest.mark.slow  # six epochs of the default flags: a minute or more
 def test_the_default_smoke_run_learns(tmp_path):
     """The README's smoke run, with every training default: six epochs of generated data (3 optimizer steps each)
     take the loss well below ln(10) = 2.303, where a network that has not started learning sits, and the validation
