@@ -52,10 +52,10 @@ def test_checkpoints_are_saved_when_their_minutes_have_passed_and_not_before(tmp
     """--checkpoint_minutes 0.0005 (30 ms, less than a step here) saves after every optimizer step; the default
     10 minutes saves only at the end of this short run."""
     timed = run_cli(QUICK + ["--checkpoint_minutes", "0.0005", "--keep_checkpoints", "10", "--run_dir", "timed"],
-                    cwd=tmp_path)
+                    cwd=tmp_path, in_process=True)
     assert timed.returncode == 0, timed.stderr
     assert [path.name for path in complete_checkpoints(tmp_path / "timed" / "checkpoints")] == [
         f"step-{step:07d}" for step in range(1, 6)]
-    default = run_cli(QUICK + ["--keep_checkpoints", "10", "--run_dir", "default"], cwd=tmp_path)
+    default = run_cli(QUICK + ["--keep_checkpoints", "10", "--run_dir", "default"], cwd=tmp_path, in_process=True)
     assert default.returncode == 0, default.stderr
     assert [path.name for path in complete_checkpoints(tmp_path / "default" / "checkpoints")] == ["step-0000005"]

@@ -17,12 +17,12 @@ from alexnet_dist.data import fake
 def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_path):
     flags = RESUMABLE + ["--ema", "0.9"]
     straight = run_cli(flags + ["--num_epochs", "2", "--run_dir", "straight", "--keep_checkpoints", "2",
-                                "--save", "straight.pth"], cwd=tmp_path)
+                                "--save", "straight.pth"], cwd=tmp_path, in_process=True)
     assert straight.returncode == 0, straight.stderr
     first_epoch_of(tmp_path / "straight", tmp_path / "resumed")
     resumed = run_cli(
         flags + ["--num_epochs", "2", "--run_dir", "resumed", "--resume", "latest", "--save", "resumed.pth"],
-        cwd=tmp_path,
+        cwd=tmp_path, in_process=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from resumed/checkpoints/step-0000005" in resumed.stdout
@@ -50,7 +50,7 @@ def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_pa
             "--tta",
             "none",
         ],
-        cwd=tmp_path,
+        cwd=tmp_path, in_process=True,
     )
     assert evaluation.returncode == 0, evaluation.stderr
     assert evaluation.accuracy() == straight.accuracy("test, averaged weights, (tta none)")  # what training said
@@ -69,7 +69,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     # 10 steps that leave the three modes apart on 300 validation images
     flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.01", "--init",
                       "kaiming"]
-    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path)
+    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path, in_process=True)
     assert trained.returncode == 0, trained.stderr
     finals = {
         mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
@@ -77,7 +77,8 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     }
     assert len(set(finals.values())) == 3, f"{finals}: pick flags where the modes differ, or this checks little"
     for mode, expected in finals.items():
-        evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode], cwd=tmp_path)
+        evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode],
+                             cwd=tmp_path, in_process=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert "evaluating on the validation split instead" in evaluation.stdout
         assert evaluation.accuracy(f"validation (tta {mode})")[0] == expected
@@ -110,7 +111,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
                 "--predict_json",
                 f"{mode}.json",
             ],
-            cwd=tmp_path,
+            cwd=tmp_path, in_process=True,
         )
         assert result.returncode == 0, result.stderr
         lines[mode] = [line for line in result.stdout.splitlines() if line.startswith("chosen/")]

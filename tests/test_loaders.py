@@ -22,7 +22,7 @@ def test_stream_loader_trains_from_files_and_is_chosen_when_the_split_does_not_f
     write_image_folder(tmp_path / "images", "train", train, classes, 200)
     write_image_folder(tmp_path / "images", "test", test, classes, 40)
     cache = tmp_path / "images" / ".alexnet_dist_cache"
-    streamed = run_cli(FOLDER + ["--loader", "stream", "--save", "stream.pth"], cwd=tmp_path)
+    streamed = run_cli(FOLDER + ["--loader", "stream", "--save", "stream.pth"], cwd=tmp_path, in_process=True)
     assert streamed.returncode == 0, streamed.stderr
     assert "180 training / 20 validation images" in streamed.stdout and streamed.accuracy()[2] == 40
     assert not cache.exists()  # nothing decoded up front

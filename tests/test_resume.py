@@ -37,7 +37,7 @@ def weights(path) -> dict:
 def test_resume_is_bit_identical_on_one_process_and_the_wandb_run_keeps_its_id(tmp_path):
     """Stopped on purpose after one epoch, then resumed with more epochs: the weights a straight run ends with, and
     (W&B offline in the stopped run, none in the straight one) one W&B run id across both launches."""
-    straight = run_cli(KAIMING + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path)
+    straight = run_cli(KAIMING + ["--num_epochs", "2", "--save", "straight.pth"], cwd=tmp_path, in_process=True)
     assert straight.returncode == 0, straight.stderr
     env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_dir"))
     short = KAIMING + ["--logger", "wandb", "--run_dir", "short"]
@@ -92,7 +92,7 @@ def test_resume_refuses_what_changes_the_training_unless_told(tmp_path, trained)
     run = copy_run(trained, "fake_run", tmp_path)  # one epoch of KAIMING: its checkpoint is step-0000005
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     resume = KAIMING + ["--num_epochs", "2", "--run_dir", "fake_run", "--resume", "latest", "--batch_size", "16"]
-    refused = run_cli(resume, cwd=tmp_path)
+    refused = run_cli(resume, cwd=tmp_path, in_process=True)
     assert refused.returncode == 2
     assert refused.stderr.strip().startswith(
         "error: --resume fake_run/checkpoints/step-0000005: these flags change what is"
@@ -100,7 +100,7 @@ def test_resume_refuses_what_changes_the_training_unless_told(tmp_path, trained)
     assert "batch_size: 32 -> 16" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     new_optimizer = ["--lr", "0.1", "--momentum", "0.5", "--weight_decay", "0"]  # saved: 0.05, 0.9, 5e-4
-    allowed = run_cli(resume + ["--allow_config_change"] + new_optimizer, cwd=tmp_path)
+    allowed = run_cli(resume + ["--allow_config_change"] + new_optimizer, cwd=tmp_path, in_process=True)
     assert allowed.returncode == 0, allowed.stderr
     assert "global batch 16 = 1 process(es)" in allowed.stdout  # the new batch size took effect
     newest = complete_checkpoints(run / "checkpoints")[-1]
@@ -126,7 +126,8 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert f"--resume {newest.relative_to(tmp_path)}" in err
     stopped_at = read_state(newest)["global_step"]
     epochs = stopped_at // 5 + 1  # the epoch under way at the stop (or the next, if it fell on an epoch's end)
-    resumed = run_cli(flags + ["--num_epochs", epochs, "--resume", "latest"], cwd=tmp_path)  # plateau: allowed
+    resumed = run_cli(flags + ["--num_epochs", epochs, "--resume", "latest"],
+                      cwd=tmp_path, in_process=True)  # plateau: allowed
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {newest.relative_to(tmp_path)}" in resumed.stdout
     assert read_state(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])["global_step"] == 5 * epochs
@@ -143,7 +144,7 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
     # the straight run checkpoints at epoch ends only: the killed one's checkpoint at every step must not change
     # what it learns or logs either
     straight = run_cli(default_schedule + ["--num_epochs", "3", "--run_dir", "straight", "--save", "straight.pth"],
-                       cwd=tmp_path)
+                       cwd=tmp_path, in_process=True)
     assert straight.returncode == 0, straight.stderr
     flags = default_schedule + ["--num_epochs", "3", "--checkpoint_steps", "1", "--keep_checkpoints", "1"]
     flags += ["--run_dir", "run", "--save", "killed.pth"]
@@ -167,7 +168,7 @@ def test_kills_at_set_points_always_resume_from_a_valid_checkpoint(tmp_path):
         torch.load(saved[-1] / "pytorch_model.bin", weights_only=True)  # loads: not half-written
         assert last_step <= state["global_step"] <= 15
         last_step = state["global_step"]
-    finished = run_cli(flags + ["--resume", "latest"], cwd=tmp_path)
+    finished = run_cli(flags + ["--resume", "latest"], cwd=tmp_path, in_process=True)
     assert finished.returncode == 0, finished.stderr
     assert read_state(complete_checkpoints(folder)[-1])["global_step"] == 15  # 3 epochs x 5 steps, as uninterrupted
     assert_same_weights(weights(tmp_path / "straight.pth"), weights(tmp_path / "killed.pth"), exact=True)
@@ -188,7 +189,7 @@ def test_skip_nonfinite_through_the_cli_finishes_and_counts_what_it_skipped(tmp_
     """lr 1e6 makes every loss non-finite after the first steps: with --skip_nonfinite the run still ends (status 0),
     its weights are finite (no bad step was applied), and the epochs say how many micro-batches were skipped."""
     result = run_cli(KAIMING + ["--num_epochs", "2", "--lr", "1e6", "--skip_nonfinite", "--save", "model.pth"],
-                     cwd=tmp_path)
+                     cwd=tmp_path, in_process=True)
     assert result.returncode == 0, result.stderr
     skipped = [int(n) for n in re.findall(r"(\d+) non-finite losses skipped so far", result.stdout)]
     assert skipped and skipped[-1] > 0 and skipped == sorted(skipped)
@@ -199,7 +200,8 @@ def test_skip_nonfinite_through_the_cli_finishes_and_counts_what_it_skipped(tmp_
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, trained):
     run = copy_run(trained, "fake_run", tmp_path)  # one epoch of KAIMING: its checkpoint is step-0000005
     diverging = KAIMING + ["--num_epochs", "3", "--run_dir", "fake_run"]
-    result = run_cli(diverging + ["--resume", "latest", "--lr", "1e6", "--allow_config_change"], cwd=tmp_path)
+    result = run_cli(diverging + ["--resume", "latest", "--lr", "1e6", "--allow_config_change"],
+                     cwd=tmp_path, in_process=True)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert (
@@ -274,7 +276,7 @@ def trained(tmp_path_factory):
     from torchvision.io import write_png
 
     root = tmp_path_factory.mktemp("trained")
-    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "fake_run"], cwd=root).returncode == 0
+    assert run_cli(KAIMING + ["--num_epochs", "1", "--run_dir", "fake_run"], cwd=root, in_process=True).returncode == 0
     for label in ("cat", "dog"):
         (root / "two" / "train" / label).mkdir(parents=True)
         for index in range(20):
@@ -299,7 +301,7 @@ def trained(tmp_path_factory):
             "--schedule",
             "plateau",
         ],
-        cwd=root,
+        cwd=root, in_process=True,
     )
     assert folder_run.returncode == 0, folder_run.stderr
     yield root

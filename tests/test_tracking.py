@@ -109,7 +109,8 @@ def test_tensorboard_events_hold_the_three_curves(tmp_path):
     # with the paper's colour noise and cutout on: a run with them ends with its test accuracy (what they do to a
     # batch: test_loaders.py::test_colour_noise_and_cutout_change_training_batches_only)
     noisy = ["--pca_color", "0.1", "--cutout", "16"]
-    result = run_cli(QUICK + noisy + ["--logger", "tensorboard", "--log_freq", "1", "--run_dir", "tb"], cwd=tmp_path)
+    result = run_cli(QUICK + noisy + ["--logger", "tensorboard", "--log_freq", "1", "--run_dir", "tb"],
+                     cwd=tmp_path, in_process=True)
     assert result.returncode == 0, result.stderr
     events = list((tmp_path / "tb" / "alexnet-cifar10").glob("events.out.tfevents.*"))  # <run_dir>/<project>/
     assert len(events) == 1
@@ -192,7 +193,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         QUICK + flags + ["--init", "kaiming", "--num_epochs", "2", "--mixed_precision", "no", "--save", "model.pth",
                          "--tta", "ten", "--lr", "0.01", "--lrn_alpha", "2", "--val_size", "0.1", "--fraction_of_data",
                          "0.2"],  # 10 steps on 180 images: weights whose modes differ on the test images
-        cwd=tmp_path,
+        cwd=tmp_path, in_process=True,
     )
     assert trained.returncode == 0, trained.stderr
     _, test, classes = fake()
@@ -234,7 +235,8 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         expected = sum(probabilities[:used])[:40] / used
         plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", tta]
         prediction = run_cli(
-            ["--predict", "images/test", "--predict_json", f"{tta}.json", "--top_k", top_k, *plain], cwd=tmp_path
+            ["--predict", "images/test", "--predict_json", f"{tta}.json", "--top_k", top_k, *plain],
+                cwd=tmp_path, in_process=True
         )
         assert prediction.returncode == 0, prediction.stderr
         predictions = json.loads((tmp_path / f"{tta}.json").read_text())
@@ -251,7 +253,8 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
             assert f"skipped images/test/{classes[0]}/broken.png" in prediction.stdout
             broken.unlink()  # evaluation refuses a folder with a file that is not an image
         correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
-        evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain], cwd=tmp_path)
+        evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain],
+                             cwd=tmp_path, in_process=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert f"test (tta {tta}) accuracy {100 * correct / 40:.2f}% ({correct}/40 images)" in evaluation.stdout
 
@@ -259,7 +262,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
 def test_predictions_refuse_weights_of_another_network(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     (tmp_path / "a.png").write_bytes(b"")
-    result = run_cli(["--predict", "a.png", "--load_model_path", "other.pth"], cwd=tmp_path)
+    result = run_cli(["--predict", "a.png", "--load_model_path", "other.pth"], cwd=tmp_path, in_process=True)
     assert result.returncode == 2
     assert (
         result.stderr.strip()
