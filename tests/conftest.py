@@ -110,11 +110,16 @@ class Result:
 
     def rank_weights(self, rank: int = 0) -> dict:
         """The weights rank `rank` held at the end (launched with rank_weights=True)."""
-        return torch.load(self.cwd / f"rank{rank}.pt", weights_only=True)
+        return rank_weights(self.cwd, rank)
 
     def losses(self) -> list:
         """The printed training losses, one per log point."""
         return re.findall(r"^step \d+: training loss ([\d.]+)", self.stdout, flags=re.M)
+
+
+def rank_weights(folder: Path, rank: int = 0) -> dict:
+    """The weights that rank `rank` of a launch through tests/launcher.py (TEST_RANK_WEIGHTS=folder) ended with."""
+    return torch.load(folder / f"rank{rank}.pt", weights_only=True)
 
 
 def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64=False,

@@ -14,9 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.utils import set_seed
-from conftest import LAUNCHER, QUICK, ROOT, SAME_STEPS, TRAIN, Running, assert_same_weights, cli_env, free_port
+from conftest import (
+    LAUNCHER,
+    QUICK,
+    ROOT,
+    SAME_STEPS,
+    TRAIN,
+    Running,
+    assert_same_weights,
+    cli_env,
+    free_port,
+    rank_weights,
+)
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
@@ -74,10 +84,6 @@ def check_succeeded(results: list):
 def float64_env(folder: Path) -> dict:
     """tests/launcher.py's switches: float64, and each rank's final weights saved into `folder`."""
     return cli_env(TEST_FLOAT64="1", TEST_RANK_WEIGHTS=str(folder))
-
-
-def rank_weights(folder: Path, rank: int = 0) -> dict:
-    return torch.load(folder / f"rank{rank}.pt", weights_only=True)
 
 
 def assert_one_run_written(folder: Path):
