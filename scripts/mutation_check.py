@@ -77,7 +77,7 @@ MUTATIONS = [
              ("tests/test_checkpoints.py::test_the_newest_checkpoints_and_the_best_are_kept_and_nothing_else",)),
     Mutation("data_order_shared", LOADERS, PLAN, PLAN.replace("cfg.seed,", "cfg.seed + rank,"),
              ("tests/test_data.py::test_ranks_and_micro_steps_share_each_epoch_without_overlap",)),
-    # the bit-identical test resumes at an epoch's end, where step_in_epoch is 0 either way; the kill-point one mid-epoch
+    # the bit-identical test resumes at an epoch's end, where step_in_epoch is 0 either way; the kill test mid-epoch
     Mutation("resume_mid_epoch", "alexnet_dist/run.py",
              "self.step_in_epoch = self.start_step if epoch == self.start_epoch else 0", "self.step_in_epoch = 0",
              ("tests/test_resume.py::test_resume_is_bit_identical_on_one_process_and_the_wandb_run_keeps_its_id",
