@@ -38,21 +38,9 @@ def test_weight_average_is_saved_evaluated_logged_and_resumed_bit_for_bit(tmp_pa
     }
     assert len(validation["straight"]) == 2 and None not in validation["straight"]
     assert validation["resumed"] == validation["straight"]
-    evaluation = run_cli(
-        [
-            "--dataset",
-            "fake",
-            "--train=False",
-            "--load_model_path",
-            "straight_ema.pth",
-            "--mixed_precision",
-            "no",
-            "--tta",
-            "none",
-        ],
-        cwd=tmp_path, in_process=True,
-    )
-    assert evaluation.returncode == 0, evaluation.stderr
+    evaluate = ["--dataset", "fake", "--train=False", "--load_model_path", "straight_ema.pth", "--mixed_precision",
+                "no", "--tta", "none"]
+    evaluation = run_cli(evaluate, cwd=tmp_path, in_process=True).ok()
     assert evaluation.accuracy() == straight.accuracy("test, averaged weights, (tta none)")  # what training said
 
 # ---------------------------------------------------------------- test-time views in evaluation and predictions
