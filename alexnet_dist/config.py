@@ -40,6 +40,15 @@ def _bool(name, value):
     raise UsageError(f"--{name} must be True or False, got {value!r}")
 
 
+def _flip(name, value):
+    if str(value).strip().lower() == "alternate":
+        return "alternate"
+    try:
+        return _bool(name, value)
+    except UsageError:
+        raise UsageError(f"--{name} must be True, False or alternate, got {value!r}") from None
+
+
 def _number(name, value, kind, low=None, high=None, low_open=False, high_open=False):
     try:
         if isinstance(value, bool):
@@ -314,7 +323,13 @@ class Config:
         "decoded-image cache of dataset=folder (default: data_dir/.alexnet_dist_cache; none: off)",
         _optional_path,
     )
-    flip: bool = flag(True, "random horizontal flips in training (the paper's reflections)", _bool, learned=True)
+    flip: bool | str = flag(
+        True,
+        "horizontal flips in training (the paper's reflections): True (a fresh coin per image each epoch), "
+        "alternate (a coin per image once, then that image mirrored every other epoch, as airbench does) or False",
+        _flip,
+        learned=True,
+    )
     translate: int = flag(
         8,
         "extra random shift in pixels beyond the resize-crop margin, borders mirrored",

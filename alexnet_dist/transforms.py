@@ -33,13 +33,20 @@ class EpochPlan:
         return EpochPlan(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
-def draw_plan(count: int, image_size, crop, flip: bool, seed: int, epoch: int, translate: int = 0,
+OWN_COINS = 100_002  # no run's epoch: the seed's stream of each image's own flip coin under flip="alternate"
+
+
+def draw_plan(count: int, image_size, crop, flip: bool | str, seed: int, epoch: int, translate: int = 0,
               colour_std: float = 0.0) -> EpochPlan:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(count, generator=generator)
     top = torch.randint(image_size[0] - crop[0] + 1 + 2 * translate, (count,), generator=generator) - translate
     left = torch.randint(image_size[1] - crop[1] + 1 + 2 * translate, (count,), generator=generator) - translate
-    flips = (torch.rand(count, generator=generator) < 0.5) & flip
+    coins = torch.rand(count, generator=generator) < 0.5  # drawn in every mode: the draws after it stay the same
+    if flip == "alternate":  # each image's own coin, reversed every other epoch: every image seen both ways in two
+        own = torch.rand(count, generator=torch.Generator().manual_seed(seed * 100_003 + OWN_COINS)) < 0.5
+        coins = own[order] ^ bool(epoch % 2)
+    flips = coins & bool(flip)
     colour = torch.randn(count, 3, generator=generator) * colour_std
     cut_y = torch.randint(crop[0], (count,), generator=generator)
     cut_x = torch.randint(crop[1], (count,), generator=generator)

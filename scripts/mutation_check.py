@@ -136,6 +136,8 @@ MUTATIONS = [
     Mutation("mean", TRAINING, AUGMENTATION, AUGMENTATION.replace("cfg.mean", "(0.5, 0.5, 0.5)"), (row("mean"),)),
     Mutation("std", TRAINING, AUGMENTATION, AUGMENTATION.replace("cfg.std", "(0.5, 0.5, 0.5)"), (row("std"),)),
     Mutation("flip", LOADERS, PLAN, PLAN.replace("cfg.flip", "True"), (row("flip"),)),
+    Mutation("flip_alternate", "alexnet_dist/transforms.py", "coins = own[order] ^ bool(epoch % 2)",
+             "coins = own[order]", (row("flip"),)),
     Mutation("translate", LOADERS, "translate=cfg.translate", "translate=8", (row("translate"),)),
     Mutation("pca_color", LOADERS, "colour_std=cfg.pca_color", "colour_std=0.0", (row("pca_color"),)),
     Mutation("cutout", TRAINING, "basis, cfg.cutout, channels_last", "basis, 0, channels_last", (row("cutout"),)),

@@ -25,8 +25,8 @@ def test_list_flags_take_their_bounds():
 
 def test_triples_booleans_and_defaults():
     cfg = parse_flags(["--mean", "0.4,0.5,0.6", "--std=[0.2,0.2,0.2]", "--notrain", "--load_model_path", "w.pth",
-                       "--nesterov=False", "--tags", "a,b"])
-    assert cfg.mean == (0.4, 0.5, 0.6) and cfg.std == (0.2, 0.2, 0.2)
+                       "--nesterov=False", "--tags", "a,b", "--flip", "Alternate"])
+    assert cfg.mean == (0.4, 0.5, 0.6) and cfg.std == (0.2, 0.2, 0.2) and cfg.flip == "alternate"
     assert cfg.train is False and cfg.nesterov is False and cfg.tags == ("a", "b")
     assert parse_flags([]).to_dict() == {**DEFAULTS, "tags": ()}
 
@@ -121,6 +121,7 @@ BAD_INPUTS = [
     (["--batch_size", "1e999"], "--batch_size must be an integer"),  # fire reads an infinity, int() overflows
     (["--save", "{{time.year}}.pth"], "the only placeholder allowed is {time}"),
     (["--groups", "3"], "--groups must be one of 1, 2"),
+    (["--flip", "sometimes"], "--flip must be True, False or alternate, got 'sometimes'"),
     (["--device", "cuda"], "--device cuda: no GPU"),
     (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
     (["--mixed_precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),

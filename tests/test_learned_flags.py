@@ -273,12 +273,27 @@ def translate_row(monkeypatch, tmp_path):
                        translate)
 
 
+def mirrored_by_image(trainer, epoch: int) -> torch.Tensor:
+    """Whether each of the position-coded images (labelled by index) was mirrored in `epoch`."""
+    batches = list(trainer.loader.train_epoch(epoch))
+    _, _, mirrored = cut_positions(torch.cat([images for images, _ in batches]))
+    return mirrored[torch.cat([labels for _, labels in batches]).argsort()]
+
+
 def flip_row(monkeypatch, tmp_path):
-    """flip=False mirrors no crop; flip=True mirrors about half (a fair coin per image: 400 images)."""
+    """Of 400 images: flip=False mirrors none; True about half, a fresh coin per image each epoch (about half the
+    images come out alike in two epochs); alternate about half, then each image the other way the next epoch, and
+    back the one after."""
     (_, _, mirrored), _, _ = crops_of(monkeypatch, (70, 70), random_crop=64, flip=False)
     assert not mirrored.any()
-    (_, _, mirrored), _, _ = crops_of(monkeypatch, (70, 70), random_crop=64, flip=True)
-    assert 0.4 < mirrored.float().mean() < 0.6
+    for flip in (True, "alternate"):
+        _, _, trainer = crops_of(monkeypatch, (70, 70), random_crop=64, flip=flip)
+        first, second, third = (mirrored_by_image(trainer, epoch) for epoch in range(3))
+        assert 0.4 < first.float().mean() < 0.6, flip
+        if flip is True:
+            assert 0.4 < (first == second).float().mean() < 0.6
+        else:
+            assert (first != second).all() and (first == third).all()
 
 
 def coloured(rgb, count: int = 8, size: int = 70) -> ImageSet:
