@@ -328,6 +328,35 @@ class Clock:
         return {f"{key[1]} images: {key[0]}": value for key, value in self.cache.items() if key[0] != "update"}
 
 
+class Estimate:
+    """A GPU's layer times assumed, not measured: each stage pass (forward or backward) takes its FLOPs (counted by
+    torch.utils.flop_counter on the meta device) at an achieved throughput, and at least a floor (its kernels'
+    launches); the update moves 20 bytes a parameter through memory (fused SGD with momentum reads the weight, its
+    gradient and momentum and writes two of them)."""
+
+    def __init__(self, tflops: float, floor_us: float, terabytes_per_s: float):
+        self.rate, self.floor, self.memory = tflops * 1e12, floor_us * 1e-6, terabytes_per_s * 1e12
+        self.cache = {}
+
+    def stage(self, stage: Stage, batch: int) -> tuple:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        key = (stage.key(), batch)
+        if key not in self.cache:
+            layers = copy.deepcopy(stage.layers).to("meta").train()
+            x = torch.randn(batch, *stage.shape, device="meta", requires_grad=stage.name != "conv1")
+            with FlopCounterMode(display=False) as forward:
+                y = layers(x)
+            with FlopCounterMode(display=False) as backward:
+                y.backward(torch.ones_like(y))
+            self.cache[key] = tuple(max(counter.get_total_flops() / self.rate, self.floor)
+                                    for counter in (forward, backward))
+        return self.cache[key]
+
+    def update(self, stages: list) -> float:
+        return self.floor + 20 * sum(p.numel() for p in parameters(stages)) / self.memory
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -547,7 +576,8 @@ def print_table(table: dict, heading: str):
             print(f"{'':<10} {link.name:<8} {cells}")
 
 
-def plot(table: dict, path: str, title: str):
+def plot(panels: list, path: str):
+    """One panel per (table, title): speed-up against N, a line per layout (colour) and link (line style)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -555,22 +585,23 @@ def plot(table: dict, path: str, title: str):
 
     colours = {"data": "tab:blue", "data_bf16": "tab:cyan", "columns": "tab:orange", "hybrid": "tab:green"}
     styles = {"nvlink4": "-", "pcie5": "--", "ib400": "-.", "ib100": ":"}
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    counts = sorted({n for by_count in table.values() for n in by_count})
-    axes.plot(counts, counts, color="lightgrey", linewidth=4, label="ideal (N)")
-    for layout, by_count in table.items():
-        for link in LINKS:
-            ns = sorted(by_count)
-            axes.plot(ns, [by_count[n]["links"][link.name]["speedup"] for n in ns], styles[link.name],
-                      color=colours[layout], marker="o", markersize=3, label=f"{layout}, {link.name}")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log", base=2)
-    axes.set_xticks(counts, [str(n) for n in counts])
-    axes.set_xlabel("devices N")
-    axes.set_ylabel("predicted speed-up over 1 device (no overlap)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend(fontsize=7, ncol=2, loc="upper left")
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    for axes, (table, title) in zip(all_axes[0], panels):
+        counts = sorted({n for by_count in table.values() for n in by_count})
+        axes.plot(counts, counts, color="lightgrey", linewidth=4, label="ideal (N)")
+        for layout, by_count in table.items():
+            for link in LINKS:
+                ns = sorted(by_count)
+                axes.plot(ns, [by_count[n]["links"][link.name]["speedup"] for n in ns], styles[link.name],
+                          color=colours[layout], marker="o", markersize=3, label=f"{layout}, {link.name}")
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log", base=2)
+        axes.set_xticks(counts, [str(n) for n in counts])
+        axes.set_xlabel("devices N")
+        axes.set_ylabel("predicted speed-up over 1 device (nothing overlapped)")
+        axes.set_title(title, fontsize=9)
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(fontsize=7, ncol=2, loc="upper left")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -594,9 +625,12 @@ def parse_flags(argv: list) -> argparse.Namespace:
     parser.add_argument("--counts", default=",".join(map(str, COUNTS)), help="the device counts N, comma-separated")
     parser.add_argument("--json_path", help="write every figure to this JSON file")
     parser.add_argument("--plot_path", help="draw the speed-ups into this PNG")
-    parser.add_argument("--check", metavar="PARALLEL_JSON", help="scripts/parallel_bench.py's JSON: compare")
+    parser.add_argument("--check", metavar="PARALLEL_JSON", help="instead of the table: the model beside the "
+                        "figures scripts/parallel_bench.py wrote on this machine")
     parser.add_argument("--cpu_link", metavar="GBPS,US", help="gloo's bandwidth and latency for --check (default: "
                         "measured)")
+    parser.add_argument("--assume_gpu", metavar="TFLOPS,US,TBPS", help="also a GPU estimate, assumed: layers at "
+                        "TFLOPS achieved, at least US a pass; updates at TBPS of memory bandwidth")
     opts = parser.parse_args(argv)
     if opts.threads is not None and opts.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opts.threads}")
@@ -621,6 +655,14 @@ def parse_flags(argv: list) -> argparse.Namespace:
         except (ValueError, AssertionError):
             raise UsageError(f"--cpu_link must be GBPS,US with GBPS > 0 and US >= 0, got {opts.cpu_link!r}") from None
         opts.cpu_link = Link("gloo", bandwidth, latency)
+    if opts.assume_gpu is not None:
+        try:
+            figures = [float(part) for part in opts.assume_gpu.split(",")]
+            assert len(figures) == 3 and figures[0] > 0 and figures[1] >= 0 and figures[2] > 0
+        except (ValueError, AssertionError):
+            raise UsageError(f"--assume_gpu must be TFLOPS,US,TBPS with TFLOPS > 0, US >= 0, TBPS > 0, got "
+                             f"{opts.assume_gpu!r}") from None
+        opts.assume_gpu = figures
     if opts.check is not None:
         try:
             opts.bench = json.loads(Path(opts.check).read_text())
@@ -644,6 +686,13 @@ def main(opts: argparse.Namespace):
         torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True  # as training runs
     precision = resolve_precision(opts.mixed_precision, on_cpu=opts.device == "cpu")
     dtype = AUTOCAST[precision]
+    if opts.check:  # the check alone
+        link = opts.cpu_link or measure_gloo(opts.repeats)
+        result = check(opts.bench, link, dtype, opts.repeats)
+        print_check(result, "as given (--cpu_link)" if opts.cpu_link else "measured")
+        if opts.json_path:
+            write_text(opts.json_path, json.dumps({"precision": precision, **result}, indent=1) + "\n")
+        return
     device = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     clock = Clock(opts.device, dtype, opts.repeats)
     one_column, two_columns = Network(1, dtype), Network(2, dtype)
@@ -655,13 +704,19 @@ def main(opts: argparse.Namespace):
               "threads": torch.get_num_threads(), "links": [vars(link) for link in LINKS],
               "crossing_bytes_per_image": {"groups1": one_column.crossing, "groups2": two_columns.crossing},
               "layer_times_s": clock.figures(), "layouts": table}
+    panels = [(table, f"layer times measured on {device}, {precision}")]
+    if opts.assume_gpu:
+        tflops, floor_us, terabytes_per_s = opts.assume_gpu
+        estimate = predict(plans(Network(1, torch.bfloat16), Network(2, torch.bfloat16),
+                                 Estimate(tflops, floor_us, terabytes_per_s), opts.counts), LINKS)
+        title = (f"ASSUMED GPU layer times: FLOPs at {tflops:g} TFLOP/s, at least {floor_us:g} us a pass; "
+                 f"update at {terabytes_per_s:g} TB/s; bf16 activations")
+        print_table(estimate, "\n" + title)
+        result["gpu_estimate"] = {"tflops": tflops, "floor_us": floor_us, "terabytes_per_s": terabytes_per_s,
+                                  "layouts": estimate}
+        panels.append((estimate, title.replace("; update", ";\nupdate")))
     if opts.plot_path:
-        plot(table, opts.plot_path, f"AlexNet, global batch {GLOBAL_BATCH}: layer times measured on {device}, "
-                                    f"{precision}; links as rated (scripts/scaling_model.py)")
-    if opts.check:
-        link = opts.cpu_link or measure_gloo(opts.repeats)
-        result["check"] = check(opts.bench, link, dtype, opts.repeats)
-        print_check(result["check"], "as given (--cpu_link)" if opts.cpu_link else "measured")
+        plot(panels, opts.plot_path)
     if opts.json_path:
         write_text(opts.json_path, json.dumps(result, indent=1) + "\n")
 
