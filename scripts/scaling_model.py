@@ -267,12 +267,27 @@ def parameters(stages: list) -> list:
 
 
 class Clock:
-    """Per-layer and update times on one device and precision, each (layers, batch) measured once."""
+    """Per-layer and update times on one device and precision. A first pass of the plans asks for the passes it needs
+    (and gets zeros); `measure` then times them all in rounds, every pass once a round after a warm-up round, so that
+    a machine whose speed drifts (other work on its cores) slows them alike; each figure is the median over the
+    rounds."""
 
     def __init__(self, device: str, dtype, repeats: int):
         self.device, self.dtype, self.repeats = torch.device(device), dtype, repeats
-        self.cache = {}
+        self.wanted, self.times = {}, {}
         self.config = Config.from_flags({"logger": "none"})  # the training's optimizer settings
+
+    def stage(self, stage: Stage, batch: int) -> tuple:
+        """(forward, backward) seconds of `stage` on `batch` images."""
+        key = (stage.key(), batch)
+        self.wanted.setdefault(key, (stage, batch))
+        return self.times.get(key, (0.0, 0.0))
+
+    def update(self, stages: list) -> float:
+        """Seconds of one optimizer step (the training's fused SGD with momentum) over the stages' parameters."""
+        key = ("update", tuple(tuple(p.shape) for p in parameters(stages)))
+        self.wanted.setdefault(key, (stages, None))
+        return self.times.get(key, (0.0,))[0]
 
     def elapsed(self, action) -> float:
         if self.device.type == "cuda":
@@ -286,46 +301,50 @@ class Clock:
         action()
         return time.perf_counter() - started
 
-    def stage(self, stage: Stage, batch: int) -> tuple:
-        """(forward, backward) seconds of `stage` on `batch` images: medians after a warm-up."""
-        key = (stage.key(), batch)
-        if key not in self.cache:
-            layers = copy.deepcopy(stage.layers).to(self.device).train()
-            x = torch.randn(batch, *stage.shape, device=self.device, requires_grad=stage.name != "conv1")
-            forward, backward, out = [], [], {}
+    def passes(self, layers: nn.Module, x: torch.Tensor):
+        """A forward and a backward pass of `layers` on `x`, timed apart."""
+        out = {}
 
-            def run_forward():
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
-                                    enabled=self.dtype is not None):
-                    out["y"] = layers(x)
+        def forward():
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+                out["y"] = layers(x)
 
-            def run_backward():
-                out["y"].backward(torch.ones_like(out["y"]))
+        def run() -> tuple:
+            seconds = self.elapsed(forward), self.elapsed(lambda: out["y"].backward(torch.ones_like(out["y"])))
+            layers.zero_grad(set_to_none=True)
+            x.grad = None
+            return seconds
 
-            for repeat in range(self.repeats + 1):
-                seconds = self.elapsed(run_forward), self.elapsed(run_backward)
-                if repeat:  # the first is the warm-up
-                    forward.append(seconds[0])
-                    backward.append(seconds[1])
-                layers.zero_grad(set_to_none=True)
-                x.grad = None
-            self.cache[key] = (statistics.median(forward), statistics.median(backward))
-        return self.cache[key]
+        return run
 
-    def update(self, stages: list) -> float:
-        """Seconds of one optimizer step (the training's fused SGD with momentum) over the stages' parameters."""
-        key = ("update", tuple(tuple(p.shape) for p in parameters(stages)))
-        if key not in self.cache:
-            holder = nn.ModuleList(copy.deepcopy(stage.layers) for stage in stages).to(self.device)
-            for parameter in holder.parameters():
-                parameter.grad = torch.randn_like(parameter)
-            optimizer = build_optimizer(holder, self.config)
-            times = [self.elapsed(optimizer.step) for _ in range(self.repeats + 1)]
-            self.cache[key] = statistics.median(times[1:])
-        return self.cache[key]
+    def step(self, stages: list):
+        holder = nn.ModuleList(copy.deepcopy(stage.layers) for stage in stages).to(self.device)
+        for parameter in holder.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        optimizer = build_optimizer(holder, self.config)
+        return lambda: (self.elapsed(optimizer.step),)
+
+    def measure(self):
+        layers = {}  # one copy of each stage on the device, whatever the batch
+        runs = {}
+        for key, (stages, batch) in self.wanted.items():
+            if batch is None:
+                runs[key] = self.step(stages)
+            else:
+                if stages.key() not in layers:
+                    layers[stages.key()] = copy.deepcopy(stages.layers).to(self.device).train()
+                x = torch.randn(batch, *stages.shape, device=self.device, requires_grad=stages.name != "conv1")
+                runs[key] = self.passes(layers[stages.key()], x)
+        samples = {key: [] for key in runs}
+        for round_ in range(self.repeats + 1):
+            for key, run in runs.items():
+                seconds = run()
+                if round_:  # the first round warms up
+                    samples[key].append(seconds)
+        self.times = {key: tuple(map(statistics.median, zip(*values))) for key, values in samples.items()}
 
     def figures(self) -> dict:
-        return {f"{key[1]} images: {key[0]}": value for key, value in self.cache.items() if key[0] != "update"}
+        return {f"{key[1]} images: {key[0]}": value for key, value in self.times.items() if key[0] != "update"}
 
 
 class Estimate:
@@ -442,7 +461,14 @@ def hybrid_plan(net: Network, clock: Clock, devices: int) -> Plan:
     return plan
 
 
-def plans(one_column: Network, two_columns: Network, clock: Clock, counts) -> dict:
+def measured(clock: Clock, make):
+    """make(clock) twice: once to learn which passes it needs, once with their times."""
+    make(clock)
+    clock.measure()
+    return make(clock)
+
+
+def plans(one_column: Network, two_columns: Network, clock, counts) -> dict:
     """{layout: {devices: Plan}} (columns only where the devices pair up)."""
     made = {
         "data": {n: data_plan(one_column, clock, n) for n in counts},
@@ -514,35 +540,40 @@ def measure_gloo(repeats: int) -> Link:
     return Link("gloo", bandwidth / 1e9, seconds[0] / 2 * 1e6)
 
 
+# the layouts parallel_bench.py measures, as plans of the model for 2 processes (`one`: 1)
+BENCH_LAYOUTS = {
+    "one": lambda net, clock: net.whole(clock),
+    "data": lambda net, clock: data_plan(net, clock, 2),
+    "data_bf16": lambda net, clock: data_plan(net, clock, 2, gradient_bytes=2),
+    "columns": lambda net, clock: columns_plan(net, clock, 2),
+    "hybrid": lambda net, clock: hybrid_plan(net, clock, 2),
+}
+
+
 def check(bench: dict, link: Link, dtype, repeats: int) -> dict:
-    """The model's steps/s and bytes for parallel_bench's layouts (2 processes; `one`: 1), with the CPU times of
-    this machine at the threads each process had, beside the measured figures."""
+    """The model's steps/s and bytes for parallel_bench's layouts, with the CPU times of this machine at the threads
+    each process had, beside the measured figures."""
     groups = bench.get("groups", 2)  # parallel_bench trains the two-column network in every layout
     net = Network(groups, dtype)
+    layouts = {name: figures for name, figures in bench["layouts"].items() if name in BENCH_LAYOUTS}
     rows = {}
-    for name, figures in bench["layouts"].items():
-        threads = figures["threads_per_process"]
+    for threads in sorted({figures["threads_per_process"] for figures in layouts.values()}):
         torch.set_num_threads(threads)
-        clock = Clock("cpu", dtype, repeats)
-        if name == "one":
-            plan = net.whole(clock)
-        elif name in ("data", "data_bf16"):
-            plan = data_plan(net, clock, 2, gradient_bytes=2 if name == "data_bf16" else 4)
-        elif name == "columns":
-            plan = columns_plan(net, clock, 2)
-        elif name == "hybrid":
-            plan = hybrid_plan(net, clock, 2)
-        else:
-            continue
-        predicted = plan.step(link)
-        measured = statistics.median(figures["steps_per_second"])
-        rows[name] = {"processes": figures["processes"], "threads": threads, "predicted_steps_per_s":
-                      1 / predicted["step_s"], "overlapped_steps_per_s": 1 / predicted["overlapped_step_s"],
-                      "measured_steps_per_s": measured, "predicted_over_measured": measured and
-                      1 / predicted["step_s"] / measured, "predicted_bytes": plan.bytes_sent(),
-                      "measured_bytes": figures["bytes_per_step"], "compute_s": plan.forward + plan.backward,
-                      "update_s": plan.update, "communication_s": predicted["communication_s"]}
-    return {"groups": groups, "link": vars(link), "layouts": rows}
+        names = [name for name, figures in layouts.items() if figures["threads_per_process"] == threads]
+        made = measured(Clock("cpu", dtype, repeats),
+                        lambda clock: {name: BENCH_LAYOUTS[name](net, clock) for name in names})
+        for name, plan in made.items():
+            figures, predicted = layouts[name], plan.step(link)
+            measured_rate = statistics.median(figures["steps_per_second"])
+            rows[name] = {"processes": figures["processes"], "threads": threads,
+                          "predicted_steps_per_s": 1 / predicted["step_s"],
+                          "overlapped_steps_per_s": 1 / predicted["overlapped_step_s"],
+                          "measured_steps_per_s": measured_rate,
+                          "predicted_over_measured": 1 / predicted["step_s"] / measured_rate,
+                          "predicted_bytes": plan.bytes_sent(), "measured_bytes": figures["bytes_per_step"],
+                          "compute_s": plan.forward + plan.backward, "update_s": plan.update,
+                          "communication_s": predicted["communication_s"]}
+    return {"groups": groups, "link": vars(link), "layouts": {name: rows[name] for name in layouts}}
 
 
 def print_check(result: dict, link_source: str):
@@ -696,7 +727,7 @@ def main(opts: argparse.Namespace):
     device = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     clock = Clock(opts.device, dtype, opts.repeats)
     one_column, two_columns = Network(1, dtype), Network(2, dtype)
-    table = predict(plans(one_column, two_columns, clock, opts.counts), LINKS)
+    table = predict(measured(clock, lambda clock: plans(one_column, two_columns, clock, opts.counts)), LINKS)
     heading = (f"{device}, torch {torch.__version__}, precision {precision}, batch {GLOBAL_BATCH}, crop {CROP}; "
                f"layer times: median of {opts.repeats}; data and hybrid --groups 1, columns --groups 2")
     print_table(table, heading)
