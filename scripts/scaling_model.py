@@ -619,12 +619,17 @@ def plot(panels: list, path: str):
     figure, all_axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     for axes, (table, title) in zip(all_axes[0], panels):
         counts = sorted({n for by_count in table.values() for n in by_count})
-        axes.plot(counts, counts, color="lightgrey", linewidth=4, label="ideal (N)")
+        ideal = axes.plot(counts, counts, color="lightgrey", linewidth=4)[0]
         for layout, by_count in table.items():
             for link in LINKS:
                 ns = sorted(by_count)
                 axes.plot(ns, [by_count[n]["links"][link.name]["speedup"] for n in ns], styles[link.name],
-                          color=colours[layout], marker="o", markersize=3, label=f"{layout}, {link.name}")
+                          color=colours[layout], marker="o", markersize=3)
+        layouts = [plt.Line2D([], [], color=colour) for colour in colours.values()]
+        links = [plt.Line2D([], [], color="black", linestyle=styles[link.name]) for link in LINKS]
+        axes.add_artist(axes.legend([ideal, *layouts], ["ideal: N", *colours], fontsize=8, loc="upper left"))
+        axes.legend(links, [link.name for link in LINKS], fontsize=8, loc="upper left", bbox_to_anchor=(0.2, 1),
+                    title="link", title_fontsize=8)
         axes.set_xscale("log", base=2)
         axes.set_yscale("log", base=2)
         axes.set_xticks(counts, [str(n) for n in counts])
@@ -632,7 +637,6 @@ def plot(panels: list, path: str):
         axes.set_ylabel("predicted speed-up over 1 device (nothing overlapped)")
         axes.set_title(title, fontsize=9)
         axes.grid(True, which="major", alpha=0.3)
-        axes.legend(fontsize=7, ncol=2, loc="upper left")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -735,7 +739,7 @@ def main(opts: argparse.Namespace):
               "threads": torch.get_num_threads(), "links": [vars(link) for link in LINKS],
               "crossing_bytes_per_image": {"groups1": one_column.crossing, "groups2": two_columns.crossing},
               "layer_times_s": clock.figures(), "layouts": table}
-    panels = [(table, f"layer times measured on {device}, {precision}")]
+    panels = [(table, f"layer times measured on {device}, mixed precision: {precision}")]
     if opts.assume_gpu:
         tflops, floor_us, terabytes_per_s = opts.assume_gpu
         estimate = predict(plans(Network(1, torch.bfloat16), Network(2, torch.bfloat16),
