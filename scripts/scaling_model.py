@@ -34,12 +34,12 @@ all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 256 a
 
 Compute: each stage (conv1 with its ReLU, normalisation and pooling; conv2 likewise; conv3; conv4; conv5 with its
 pooling; fc1 with the 6x6 pooling, dropout and ReLU; fc2 with dropout; fc3 with fc2's ReLU; the loss) is timed forward
-and backward at every batch size a layout gives one device (median of --repeats, after a warm-up), as the layers
-that device runs: the whole network's, a column's (its own layers, built with half of each layer's kernels and
-neurons, reading what columns.py lets it read: conv3, fc1 and fc2 the gathered input), or the hybrid's fc slices
-(nn.Linear of the slice's shape at batch 256). Small per-device batches are measured, not divided, so their lower
-efficiency is in the figures. The optimizer step (the training's fused SGD) is timed on the parameters that device
-updates.
+and backward at every batch size a layout gives one device (every pass once a round, --repeats rounds after a
+warm-up round; the median, or with --statistic min the least disturbed round), as the layers that device runs: the
+whole network's, a column's (its own layers, built with half of each layer's kernels and neurons, reading what
+columns.py lets it read: conv3, fc1 and fc2 the gathered input), or the hybrid's fc slices (nn.Linear of the slice's
+shape at batch 256). Small per-device batches are measured, not divided, so their lower efficiency is in the
+figures. The optimizer step (the training's fused SGD) is timed on the parameters that device updates.
 
 Communication, on a link of bandwidth B per direction per device and latency L per hop (a ring):
   all-reduce of S bytes over n devices:               2(n-1)/n x S / B + 2(n-1) x L, once per DDP bucket
@@ -270,10 +270,11 @@ class Clock:
     """Per-layer and update times on one device and precision. A first pass of the plans asks for the passes it needs
     (and gets zeros); `measure` then times them all in rounds, every pass once a round after a warm-up round, so that
     a machine whose speed drifts (other work on its cores) slows them alike; each figure is the median over the
-    rounds."""
+    rounds, or their minimum (on a machine shared with other work, the least disturbed round)."""
 
-    def __init__(self, device: str, dtype, repeats: int):
+    def __init__(self, device: str, dtype, repeats: int, statistic: str = "median"):
         self.device, self.dtype, self.repeats = torch.device(device), dtype, repeats
+        self.statistic = {"median": statistics.median, "min": min}[statistic]
         self.wanted, self.times = {}, {}
         self.config = Config.from_flags({"logger": "none"})  # the training's optimizer settings
 
@@ -341,7 +342,7 @@ class Clock:
                 seconds = run()
                 if round_:  # the first round warms up
                     samples[key].append(seconds)
-        self.times = {key: tuple(map(statistics.median, zip(*values))) for key, values in samples.items()}
+        self.times = {key: tuple(map(self.statistic, zip(*values))) for key, values in samples.items()}
 
     def figures(self) -> dict:
         return {f"{key[1]} images: {key[0]}": value for key, value in self.times.items() if key[0] != "update"}
@@ -550,7 +551,7 @@ BENCH_LAYOUTS = {
 }
 
 
-def check(bench: dict, link: Link, dtype, repeats: int) -> dict:
+def check(bench: dict, link: Link, dtype, repeats: int, statistic: str) -> dict:
     """The model's steps/s and bytes for parallel_bench's layouts, with the CPU times of this machine at the threads
     each process had, beside the measured figures."""
     groups = bench.get("groups", 2)  # parallel_bench trains the two-column network in every layout
@@ -560,7 +561,7 @@ def check(bench: dict, link: Link, dtype, repeats: int) -> dict:
     for threads in sorted({figures["threads_per_process"] for figures in layouts.values()}):
         torch.set_num_threads(threads)
         names = [name for name, figures in layouts.items() if figures["threads_per_process"] == threads]
-        made = measured(Clock("cpu", dtype, repeats),
+        made = measured(Clock("cpu", dtype, repeats, statistic),
                         lambda clock: {name: BENCH_LAYOUTS[name](net, clock) for name in names})
         for name, plan in made.items():
             figures, predicted = layouts[name], plan.step(link)
@@ -654,7 +655,9 @@ def parse_flags(argv: list) -> argparse.Namespace:
     parser = Parser(prog="scripts/scaling_model.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the layers are timed")
     parser.add_argument("--threads", type=int, help="CPU threads for the layer times (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each layer, after a warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every layer pass, after a warm-up")
+    parser.add_argument("--statistic", default="median", choices=("median", "min"),
+                        help="of the rounds (min: the least disturbed, on a machine shared with other work)")
     parser.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
                         help="autocast of the layer times and the exchanged activations (auto: as training picks)")
     parser.add_argument("--counts", default=",".join(map(str, COUNTS)), help="the device counts N, comma-separated")
@@ -723,19 +726,21 @@ def main(opts: argparse.Namespace):
     dtype = AUTOCAST[precision]
     if opts.check:  # the check alone
         link = opts.cpu_link or measure_gloo(opts.repeats)
-        result = check(opts.bench, link, dtype, opts.repeats)
+        result = check(opts.bench, link, dtype, opts.repeats, opts.statistic)
         print_check(result, "as given (--cpu_link)" if opts.cpu_link else "measured")
         if opts.json_path:
-            write_text(opts.json_path, json.dumps({"precision": precision, **result}, indent=1) + "\n")
+            write_text(opts.json_path, json.dumps({"precision": precision, "repeats": opts.repeats,
+                                                   "statistic": opts.statistic, **result}, indent=1) + "\n")
         return
     device = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    clock = Clock(opts.device, dtype, opts.repeats)
+    clock = Clock(opts.device, dtype, opts.repeats, opts.statistic)
     one_column, two_columns = Network(1, dtype), Network(2, dtype)
     table = predict(measured(clock, lambda clock: plans(one_column, two_columns, clock, opts.counts)), LINKS)
     heading = (f"{device}, torch {torch.__version__}, precision {precision}, batch {GLOBAL_BATCH}, crop {CROP}; "
-               f"layer times: median of {opts.repeats}; data and hybrid --groups 1, columns --groups 2")
+               f"layer times: {opts.statistic} of {opts.repeats} rounds; data, hybrid --groups 1; columns --groups 2")
     print_table(table, heading)
     result = {"device": device, "torch": torch.__version__, "precision": precision, "repeats": opts.repeats,
+              "statistic": opts.statistic,
               "threads": torch.get_num_threads(), "links": [vars(link) for link in LINKS],
               "crossing_bytes_per_image": {"groups1": one_column.crossing, "groups2": two_columns.crossing},
               "layer_times_s": clock.figures(), "layouts": table}
