@@ -34,8 +34,9 @@ all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 256 a
 
 Compute: each stage (conv1 with its ReLU, normalisation and pooling; conv2 likewise; conv3; conv4; conv5 with its
 pooling; fc1 with the 6x6 pooling, dropout and ReLU; fc2 with dropout; fc3 with fc2's ReLU; the loss) is timed forward
-and backward at every batch size a layout gives one device (every pass once a round, --repeats rounds after a
-warm-up round; the median, or with --statistic min the least disturbed round), as the layers that device runs: the
+and backward at every batch size a layout gives one device (every pass once a round, or until the round spent 20 ms
+on it, its fastest kept; --repeats rounds after a warm-up round; their median, or with --statistic min the least
+disturbed round), as the layers that device runs: the
 whole network's, a column's (its own layers, built with half of each layer's kernels and neurons, reading what
 columns.py lets it read: conv3, fc1 and fc2 the gathered input), or the hybrid's fc slices (nn.Linear of the slice's
 shape at batch 256). Small per-device batches are measured, not divided, so their lower efficiency is in the
@@ -95,6 +96,7 @@ GLOBAL_BATCH, CROP, HIDDEN = 256, 64, 4096
 COUNTS = (1, 2, 4, 8, 16, 64)
 FIRST_BUCKET, BUCKET = 1 << 20, 25 << 20  # DDP's bucket caps: torch.distributed's defaults
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHORT = 0.02  # seconds: a layer pass shorter than this is taken again within its round
 LAYOUTS = ("data", "data_bf16", "columns", "hybrid")
 
 
@@ -303,18 +305,26 @@ class Clock:
         return time.perf_counter() - started
 
     def passes(self, layers: nn.Module, x: torch.Tensor):
-        """A forward and a backward pass of `layers` on `x`, timed apart."""
+        """A forward and a backward pass of `layers` on `x`, timed apart; passes shorter than SHORT are taken again
+        within the round until it has spent SHORT on them, the fastest kept (a pass of a few milliseconds is otherwise
+        at the mercy of one time slice of the other work on the machine)."""
         out = {}
 
         def forward():
             with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
                 out["y"] = layers(x)
 
-        def run() -> tuple:
+        def once() -> tuple:
             seconds = self.elapsed(forward), self.elapsed(lambda: out["y"].backward(torch.ones_like(out["y"])))
             layers.zero_grad(set_to_none=True)
             x.grad = None
             return seconds
+
+        def run() -> tuple:
+            taken = [once()]
+            while sum(map(sum, taken)) < SHORT:
+                taken.append(once())
+            return tuple(map(min, zip(*taken)))
 
         return run
 
