@@ -36,11 +36,11 @@ Compute: each stage (conv1 with its ReLU, normalisation and pooling; conv2 likew
 pooling; fc1 with the 6x6 pooling, dropout and ReLU; fc2 with dropout; fc3 with fc2's ReLU; the loss) is timed forward
 and backward at every batch size a layout gives one device (every pass once a round, or until the round spent 20 ms
 on it, its fastest kept; --repeats rounds after a warm-up round; their median, or with --statistic min the least
-disturbed round), as the layers that device runs: the
-whole network's, a column's (its own layers, built with half of each layer's kernels and neurons, reading what
-columns.py lets it read: conv3, fc1 and fc2 the gathered input), or the hybrid's fc slices (nn.Linear of the slice's
-shape at batch 256). Small per-device batches are measured, not divided, so their lower efficiency is in the
-figures. The optimizer step (the training's fused SGD) is timed on the parameters that device updates.
+disturbed round), as the layers that device runs: the whole network's, a column's (its own layers, built with half
+of each layer's kernels and neurons, reading what columns.py lets it read: conv3, fc1 and fc2 the gathered input), or
+the hybrid's fc slices (nn.Linear of the slice's shape at batch 256). Small per-device batches are measured, not
+divided, so their lower efficiency is in the figures. The optimizer step (the training's fused SGD) is timed on the
+parameters that device updates.
 
 Communication, on a link of bandwidth B per direction per device and latency L per hop (a ring):
   all-reduce of S bytes over n devices:               2(n-1)/n x S / B + 2(n-1) x L, once per DDP bucket
