@@ -692,8 +692,6 @@ def parse_flags(argv: list) -> argparse.Namespace:
     if bad or 1 not in opts.counts:
         raise UsageError(f"--counts must include 1 and divide the batch of {GLOBAL_BATCH} and the {HIDDEN} hidden "
                          f"neurons, got {','.join(map(str, opts.counts))}")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no GPU is visible to PyTorch here; use --device cpu")
     if opts.mixed_precision == "fp16" and opts.device == "cpu":
         raise UsageError("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
     if opts.cpu_link is not None:
@@ -728,6 +726,8 @@ def parse_flags(argv: list) -> argparse.Namespace:
 
 
 def main(opts: argparse.Namespace):
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no GPU is visible to PyTorch here; use --device cpu")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.device == "cuda":
