@@ -97,7 +97,6 @@ COUNTS = (1, 2, 4, 8, 16, 64)
 FIRST_BUCKET, BUCKET = 1 << 20, 25 << 20  # DDP's bucket caps: torch.distributed's defaults
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT = 0.02  # seconds: a layer pass shorter than this is taken again within its round
-LAYOUTS = ("data", "data_bf16", "columns", "hybrid")
 
 
 @dataclass(frozen=True)
