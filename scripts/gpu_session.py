@@ -292,8 +292,9 @@ def smoke(out, rehearse: bool = False, **options):
 
 def smoke_stages(session: Session, rehearse: bool):
     """The default command first (its time is the figure that matters most), then the graph check, the
-    benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs, and
-    the layouts of two processes (scripts/parallel_bench.py)."""
+    benchmark in three arms: the default (eager), our CUDA graphs, and torch.compile's reduce-overhead graphs, the
+    scaling model's layer times (scripts/scaling_model.py) and the layouts of two processes
+    (scripts/parallel_bench.py)."""
     logger = (
         "wandb" if not str(session.summary["environment"]["wandb"]).startswith("not importable") else "tensorboard"
     )
@@ -320,6 +321,11 @@ def smoke_stages(session: Session, rehearse: bool):
             60,
             "bench_reduce_overhead.json",
         )
+    # the scaling model's layer times on this device (docs/distributed.md); the rehearsal: 1 and 2 devices
+    scaling = ["--device", "cpu", "--counts", "1,2", "--repeats", "1"] if rehearse else [
+        "--device", "cuda", "--repeats", "5", "--assume_gpu", "150,20,3.35"]
+    session.json_stage("scaling_model", [sys.executable, "scripts/scaling_model.py", *scaling],
+                       120 if rehearse else 60, "scaling_model.json")
     # the paper's column split against data parallelism, on two GPUs (one GPU: the script says so and skips)
     layouts = ["--device", "cpu", "--rounds", "1", "--windows", "1", "--steps", "1"] if rehearse else [
         "--device", "cuda", "--rounds", "2", "--windows", "2", "--steps", "5"]

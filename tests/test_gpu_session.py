@@ -33,9 +33,12 @@ def rehearse(tmp_path, part, *extra, budget=400):
 def test_smoke_rehearsal_reports_every_stage(tmp_path):
     result, summary, stages = rehearse(tmp_path, "smoke")
     assert result.returncode == 0
-    assert list(stages) == ["default_command", "graph_check", "bench", "parallel_layouts"]  # what matters most first
+    assert list(stages) == ["default_command", "graph_check", "bench", "scaling_model",  # what matters most first
+                            "parallel_layouts"]
     assert stages["graph_check"]["status"] == "skipped"  # no GPU here: the check says so and the rest goes on
     assert stages["bench"]["status"] == "ok" and stages["bench"]["figures"]["default_images_per_s"]["median"] > 0
+    scaling = stages["scaling_model"]  # the rehearsal: this CPU's layer times, 1 and 2 devices
+    assert scaling["status"] == "ok" and set(scaling["figures"]["layouts"]["hybrid"]) == {"1", "2"}
     layouts = stages["parallel_layouts"]["figures"]["layouts"]  # on the CPU the comparison runs (gloo)
     assert set(layouts) == {"columns", "data", "data_bf16", "one"}
     assert layouts["data"]["bytes_per_step"] == 2 * layouts["data_bf16"]["bytes_per_step"] > 0
