@@ -28,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import init_device_mesh
 
 from .config import UsageError
-from .model import AlexNet, ColumnNorm, fold_positions
+from .model import AlexNet, Classifier, ColumnNorm, column_stages, fold_positions, folds, layer_name
 
 COLUMNS = 2
 # torch 2.14 renamed the one-tensor collectives (the old names warn); older versions have only the old names
@@ -36,7 +36,7 @@ GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 # held by column 0 alone, so that the logits add it once; column 1 keeps a frozen zero of its shape, so that both
 # columns have the same parameters (in the whole network's order) and no gradient reaches it
-LOGITS_BIAS = "classifier.6.bias"
+LOGITS_BIAS = f"{layer_name('fc3')}.bias"
 
 
 def replicas(parallel: str, num_processes: int) -> int:
@@ -137,7 +137,7 @@ class SumOverPair(torch.autograd.Function):
 def split_dim(name: str) -> int:
     """The dimension along which a parameter of the whole network is cut into columns: the outputs, except for
     fc3, which is cut along its inputs (each column holds the weights that read its half of fc2)."""
-    return 1 if name == "classifier.6.weight" else 0
+    return 1 if name == f"{layer_name('fc3')}.weight" else 0
 
 
 def split_state(whole: dict, column: int) -> dict:
@@ -190,9 +190,7 @@ class Column(nn.Module):
         self.avgpool = copy.deepcopy(whole.avgpool)
         self.classifier = nn.Sequential(*(_own_part(layer, pair.column, f"classifier.{index}")
                                           for index, layer in enumerate(whole.classifier)))
-        self.whole_shape = {"num_classes": whole.classifier[-1].out_features, "groups": COLUMNS,
-                            "dropout": whole.classifier[0].p, "first_linear_once": whole.first_linear_once,
-                            "lrn_alpha": whole.features[2].alpha}
+        self.whole_shape = whole.settings
         # hooks rather than overrides, so that they act wherever the column sits: in DDP, in the weights' average
         self.entries = list(super().state_dict().keys())
         self.register_state_dict_post_hook(_gather_on_save)
@@ -200,18 +198,19 @@ class Column(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.pair.pair_group
-        x = self.features[:8](x)  # conv1 and conv2, normalised and pooled: this column's maps
+        own_maps, shared_maps = column_stages(self.features)
+        x = own_maps(x)  # conv1 and conv2, normalised and pooled: this column's maps
         x = gather(x, group)  # conv3 reads both columns' maps
-        x = self.features[8:](x)  # conv3 (this column's half of its kernels), conv4, conv5, pooled
-        dropout, first, relu, dropout_second, second, relu_second, last = self.classifier
-        if x.shape[-2:] == (1, 1) and (self.first_linear_once or not self.training or dropout.p == 0):
+        x = shared_maps(x)  # conv3 (this column's half of its kernels), conv4, conv5, pooled
+        head = Classifier(*self.classifier)
+        if folds(x, self.training, self.first_linear_once, head.dropout1.p):
             # the 36 pooled copies folded into fc1's weights (model.py): conv5's outputs travel once, not 36 times
-            x = gather(dropout(torch.flatten(x, 1)), group)
-            x = nn.functional.linear(x, fold_positions(first.weight, x.shape[1]), first.bias)
+            x = gather(head.dropout1(torch.flatten(x, 1)), group)
+            x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]), head.fc1.bias)
         else:
-            x = first(gather(dropout(torch.flatten(self.avgpool(x), 1)), group))  # fc1 reads both columns
-        x = second(gather(dropout_second(relu(x)), group))  # fc2 reads both halves of fc1
-        return SumOverPair.apply(last(relu_second(x)), group)  # the logits: both halves' contributions
+            x = head.fc1(gather(head.dropout1(torch.flatten(self.avgpool(x), 1)), group))  # fc1 reads both columns
+        x = head.fc2(gather(head.dropout2(head.relu1(x)), group))  # fc2 reads both halves of fc1
+        return SumOverPair.apply(head.fc3(head.relu2(x)), group)  # the logits: both halves' contributions
 
     def whole(self) -> AlexNet:
         """The ordinary two-column network with these weights (a collective of the pair: both call it)."""

@@ -18,7 +18,7 @@ from .columns import prepare as prepare_column
 from .data import pixel_sample, resize_images
 from .engine import Meter, NonfiniteGuard, build_average, build_optimizer, build_scheduler, evaluate
 from .loaders import make_loader
-from .model import alexnet
+from .model import alexnet, convolutions
 from .run import print_accuracy
 from .speedups import Speedups
 from .transforms import Augmentation, colour_pca, patch_filters
@@ -65,7 +65,7 @@ def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None,
     model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init,
                     first_linear_once=cfg.first_linear_once, lrn_alpha=cfg.lrn_alpha)
     if cfg.conv1_from_data and weights is None and train_set is not None:
-        conv1 = model.features[0]
+        conv1 = convolutions(model.features)[0]
         sample = resize_images(pixel_sample(train_set, cfg.resize)[:CONV1_SAMPLE], cfg.resize)
         with torch.no_grad():
             conv1.weight.copy_(patch_filters(sample, cfg.mean, cfg.std, conv1.out_channels))
