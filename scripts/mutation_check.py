@@ -43,7 +43,7 @@ def row(flag: str) -> str:
 BOUNDS = "tests/test_flags.py::test_numeric_flag_bounds"
 TRAINING, ENGINE, LOADERS, DATA = (f"alexnet_dist/{name}.py" for name in ("training", "engine", "loaders", "data"))
 AUGMENTATION = "cfg.random_crop, cfg.mean, cfg.std, accelerator.device"  # one line in training.py, three flags
-COLUMNS = "alexnet_dist/columns.py"
+COLUMNS, SHARDED = "alexnet_dist/columns.py", "alexnet_dist/sharded.py"
 COLUMNS_MATCH = "tests/test_columns.py::test_columns_learn_what_one_process_learns_and_count_each_image_once[2]"
 PLAN = "cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,"  # the epoch plan's flags, in loaders.py
 
@@ -108,13 +108,14 @@ MUTATIONS = [
              ("tests/test_tracking.py::test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_"
               "trained_with",)),
     # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
-    Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",
-             "torch.cat(parts.chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
-    Mutation("columns_logits_bias", COLUMNS, "part.bias.requires_grad_(False)", "part.bias.requires_grad_(True)",
+    Mutation("columns_exchange", COLUMNS, "torch.cat(gather_batch(part, group).chunk(COLUMNS), dim=1)",
+             "torch.cat(gather_batch(part, group).chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
+    Mutation("columns_logits_bias", SHARDED, "parameter.requires_grad_(False)", "parameter.requires_grad_(True)",
              (COLUMNS_MATCH,)),
     # the average's file saved as this column's share, not the whole network
-    Mutation("columns_average_whole", "alexnet_dist/run.py", "whole_model(self.trainer.average.module)",
-             "self.trainer.average.module", (COLUMNS_MATCH,)),
+    Mutation("columns_average_whole", "alexnet_dist/run.py",
+             "self.trainer.layout.whole_model(self.trainer.average.module)", "self.trainer.average.module",
+             (COLUMNS_MATCH,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),
     Mutation("init", TRAINING, "init=cfg.init,", 'init="kaiming",', (row("init"),)),
     Mutation("seed_weights", TRAINING, "set_seed(cfg.seed)", "set_seed(0)", (row("seed"),)),
