@@ -387,9 +387,10 @@ class Config:
     )
     parallel: str = flag(
         "data",
-        "how processes share the work: data (each trains a whole copy, gradients all-reduced: DDP) or columns (the "
-        "paper's split: each process of a pair holds one column of --groups 2, pairs data-parallel)",
-        choice("data", "columns"),
+        "how processes share the work: data (each trains a whole copy, gradients all-reduced: DDP), columns (the "
+        "paper's split: each process of a pair holds one column of --groups 2, pairs data-parallel) or hybrid "
+        "(Krizhevsky 2014: convolutions data-parallel, fc1 and fc2 cut over every process)",
+        choice("data", "columns", "hybrid"),
     )
     lrn_alpha: float = flag(
         1e-4,

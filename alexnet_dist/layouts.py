@@ -1,7 +1,7 @@
 """How the network is spread over a launch's processes: one object, chosen here, that the rest of the code asks,
 never the flag's string (docs/distributed.md).
 
-    layout = choose_layout(cfg, num_processes)  # data or columns; UsageError if the launch does not fit
+    layout = choose_layout(cfg, num_processes)  # data, columns or hybrid; UsageError if the launch does not fit
     layout.replicas, layout.unit                # the copies of the network that train side by side on other images
     layout.shard(process_index)                 # (this process's share of a batch, of how many, does its evaluation
                                                 #  count)
@@ -19,6 +19,7 @@ from typing import Protocol
 from .columns import Columns
 from .config import UsageError
 from .engine import build_optimizer
+from .hybrid import Hybrid
 from .sharded import Traffic
 
 
@@ -70,7 +71,7 @@ class Data:
         return ""
 
 
-LAYOUTS = {"data": Data, "columns": Columns}
+LAYOUTS = {"data": Data, "columns": Columns, "hybrid": Hybrid}
 
 
 def check_flags(cfg):

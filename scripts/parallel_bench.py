@@ -16,8 +16,10 @@ Each launch trains through the training loop (training.train) on one batch alrea
 warms up, then times `windows` windows of `steps` optimizer steps; figures are medians over all windows with their
 min-max. Bytes: what one process hands to the collectives per optimizer step, counted as they pass: the exchanges of
 activations that the layout counts (its `traffic`: columns' each exchange's own part, forward and backward, and the
-logits), plus the gradient buckets DDP all-reduces, in the dtype they travel in (data's). Then one step at a time,
-forward and backward (communication included) are timed apart.
+logits), plus the gradient buckets DDP all-reduces, in the dtype they travel in (data's, and hybrid's, which
+all-reduces what every process holds whole). Then one step at a time, forward and backward (communication included)
+are timed apart. `hybrid` (2 processes, --parallel hybrid: convolutions data-parallel, fc1 and fc2 cut over both) runs
+when --layouts names it.
 """
 
 import json
@@ -40,6 +42,7 @@ LAYOUTS = {  # name: (processes, flags)
     "data": (2, ["--parallel", "data"]),
     "data_bf16": (2, ["--parallel", "data", "--ddp_comm_hook", "bf16"]),
     "one": (1, []),
+    "hybrid": (2, ["--parallel", "hybrid"]),
 }
 DEFAULT_LAYOUTS = ("columns", "data", "data_bf16", "one")
 
