@@ -46,6 +46,11 @@ AUGMENTATION = "cfg.random_crop, cfg.mean, cfg.std, accelerator.device"  # one l
 COLUMNS, SHARDED = "alexnet_dist/columns.py", "alexnet_dist/sharded.py"
 COLUMNS_MATCH = "tests/test_columns.py::test_columns_learn_what_one_process_learns_and_count_each_image_once[2]"
 PLAN = "cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,"  # the epoch plan's flags, in loaders.py
+HYBRID = "alexnet_dist/hybrid.py"
+HYBRID_PARTS = ("tests/test_hybrid.py::test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_"
+                "fc1s_input")
+HYBRID_MATCH = "tests/test_hybrid.py::test_hybrid_learns_what_one_process_learns_and_counts_each_image_once[2]"
+FC2_PARTIAL = "sum_scatter(nn.functional.linear(x, head.fc2.weight), group)"  # fc2's partial sums, in hybrid.py
 
 MUTATIONS = [
     # issue 32's four, which no test caught
@@ -116,6 +121,23 @@ MUTATIONS = [
     Mutation("columns_average_whole", "alexnet_dist/run.py",
              "self.trainer.layout.whole_model(self.trainer.average.module)", "self.trainer.average.module",
              (COLUMNS_MATCH,)),
+    # the hybrid's exchange: the cut layers' gradients not divided by N (they sum every process's loss); fc2's
+    # partial sums not added over the processes; fc2's bias added by every process before the sum; fc1's gathered
+    # input dropped by each process after the gather (its own mask on every image); DDP averaging the cut layers'
+    # different slices
+    Mutation("hybrid_gradient_scale", HYBRID, "lambda gradient: gradient / shards.count", "lambda gradient: gradient",
+             (HYBRID_PARTS, HYBRID_MATCH)),
+    Mutation("hybrid_reduce_scatter", HYBRID, FC2_PARTIAL,
+             "nn.functional.linear(x, head.fc2.weight).chunk(self.shards.count)[self.shards.index]",
+             (HYBRID_PARTS, HYBRID_MATCH)),
+    Mutation("hybrid_bias_once", HYBRID, FC2_PARTIAL, FC2_PARTIAL.replace("head.fc2.weight)", "head.fc2.weight, "
+                                                                                             "head.fc2.bias)"),
+             (HYBRID_PARTS,)),
+    Mutation("hybrid_dropout_owner", HYBRID, "head.fc1(gather_batch(head.dropout1(torch.flatten(self.avgpool(x), 1)), "
+             "group))", "head.fc1(head.dropout1(gather_batch(torch.flatten(self.avgpool(x), 1), group)))",
+             (HYBRID_PARTS,)),
+    Mutation("hybrid_ddp_whole_only", HYBRID, "return part, mesh.get_group(), list(CUT)",
+             "return part, mesh.get_group(), []", (HYBRID_PARTS,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),
     Mutation("init", TRAINING, "init=cfg.init,", 'init="kaiming",', (row("init"),)),
     Mutation("seed_weights", TRAINING, "set_seed(cfg.seed)", "set_seed(0)", (row("seed"),)),
