@@ -231,7 +231,8 @@ class SplitLayout:
     traffic = TRAFFIC
 
     def place(self, model: AlexNet, cfg, accelerator, optimizer: bool = True) -> tuple:
-        part, group, ignored = self.split(model, accelerator.device.type)
+        with torch.random.fork_rng(devices=[]):  # building the cut layers draws initial weights: the dropout stream
+            part, group, ignored = self.split(model, accelerator.device.type)  # stays where build_model seeded it
         sgd = build_optimizer(part, cfg) if optimizer else None
         if sgd is not None:
             share_optimizer_state(sgd, part)
