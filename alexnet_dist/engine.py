@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .model import pooled_copies
+from .model import layer_name, pooled_copies
 
-FIRST_LINEAR = "classifier.1."  # fc1's parameters
+FIRST_LINEAR = f"{layer_name('fc1')}."  # fc1's parameters
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
