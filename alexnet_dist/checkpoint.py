@@ -14,7 +14,7 @@ import torch
 
 from .config import UsageError
 from .files import atomic_write
-from .model import architecture
+from .model import architecture, layer_name
 from .runtime import stop_together
 
 WEIGHTS_FORMAT = "alexnet-dist weights 1"
@@ -61,7 +61,8 @@ def read_weights(path) -> dict:
 def _infer_architecture(state_dict: dict) -> dict | None:
     try:
         conv1, conv2 = state_dict["features.0.weight"], state_dict["features.4.weight"]
-        return {"groups": conv1.shape[0] // conv2.shape[1], "num_classes": state_dict["classifier.6.weight"].shape[0]}
+        logits = state_dict[f"{layer_name('fc3')}.weight"]
+        return {"groups": conv1.shape[0] // conv2.shape[1], "num_classes": logits.shape[0]}
     except (KeyError, IndexError, ZeroDivisionError):
         return None
 

@@ -402,9 +402,10 @@ class Config:
     )
     parallel: str = flag(
         "data",
-        "how processes share the work: data (each trains a whole copy, gradients all-reduced: DDP) or columns (the "
-        "paper's split: each process of a pair holds one column of --groups 2, pairs data-parallel)",
-        choice("data", "columns"),
+        "how processes share the work: data (each trains a whole copy, gradients all-reduced: DDP), columns (the "
+        "paper's split: each process of a pair holds one column of --groups 2, pairs data-parallel) or hybrid "
+        "(Krizhevsky 2014: convolutions data-parallel, fc1 and fc2 cut over every process)",
+        choice("data", "columns", "hybrid"),
     )
     lrn_alpha: float = flag(
         1e-4,
@@ -476,12 +477,9 @@ class Config:
                 f"--first_linear_once needs crops of at most {MAX_SINGLE_POSITION} pixels (where conv5 leaves a 1x1 "
                 f"map), got --random_crop {_size(self.random_crop)}"
             )
-        if self.predict and self.parallel != "data":  # one image at a time keeps no second process busy
-            raise UsageError(f"--predict runs the whole network on the main process: drop --parallel {self.parallel} "
-                             "(weights trained with any layout predict the same)")
-        if self.parallel == "columns" and self.groups != 2:
-            raise UsageError("--parallel columns splits the paper's two-column network over a pair of processes: "
-                             "add --groups 2")
+        from .layouts import check_flags  # here: the layouts import this module
+
+        check_flags(self)  # what --parallel's layout cannot run with, whatever the launch
         if self.cutout > min(self.random_crop):
             raise UsageError(f"--cutout must be at most the crop ({min(self.random_crop)}), got {self.cutout}")
         try:

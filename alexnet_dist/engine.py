@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .model import pooled_copies
+from .model import layer_name, pooled_copies
 
-FIRST_LINEAR = "classifier.1."  # fc1's parameters
+FIRST_LINEAR = f"{layer_name('fc1')}."  # fc1's parameters
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
@@ -141,7 +141,7 @@ class Meter:
 
     def __init__(self, accelerator, replicas: int | None = None):
         self.accelerator, device = accelerator, accelerator.device
-        # the processes that train on different images (the two processes of a pair of columns share theirs)
+        # the copies that train on different images (the layout's replicas: a pair of columns shares its images)
         self.replicas = replicas or accelerator.num_processes
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)

@@ -28,7 +28,7 @@ class DeviceLoader:
         self.augmentation, self.device, self.resize = augmentation, device, tuple(resize)
         self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
         self.plan = plan  # epoch -> EpochPlan
-        self.counts = counts  # whether this process's evaluation counts (of a pair of columns, one does)
+        self.counts = counts  # whether this process's evaluation counts (the layout says: of a pair of columns, one)
         self.index_device = self._index_device(device)  # where `_batches` takes its image indices
         self.accum = batch_size // (micro_batch * world)
         self.labels = imageset.labels.to(device)
@@ -117,7 +117,7 @@ class StreamLoader(DeviceLoader):
 
 def make_loader(imageset: ImageSet, augmentation: Augmentation, device, cfg, micro_batch: int, rank: int, world: int,
                 counts: bool = True):
-    """Share `rank` of `world` of `imageset` (columns.data_shard); `cfg` gives resize, random_crop, flip, seed,
+    """Share `rank` of `world` of `imageset` (the layout's `shard`); `cfg` gives resize, random_crop, flip, seed,
     translate, pca_color, batch_size, loader and num_workers."""
     plan = partial(draw_plan, len(imageset), cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,
                    translate=cfg.translate, colour_std=cfg.pca_color)

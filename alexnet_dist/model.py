@@ -35,12 +35,24 @@ Where it differs:
   the first steps: the training CLI's default (`--init`).
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 MIN_INPUT = 63
 MAX_SINGLE_POSITION = 94  # the largest input side for which conv5 leaves a 1x1 map (95 leaves 2x2)
 COLUMN_WIDTHS = {1: (64, 192, 384, 256, 256), 2: (96, 256, 384, 384, 256)}
+HIDDEN = 4096  # the neurons of fc1 and fc2
+
+# The network's structure, for the layouts that spread it over processes (columns.py, hybrid.py), so that none of
+# them slices the network or names a parameter by position. Module names are the state_dict's (fc1's weight is
+# "classifier.1.weight"), and weights files depend on them: they do not change.
+#   features     the feature extractor: conv1 to conv5 with their ReLUs, normalisations and poolings
+#   features[:COLUMNS_MEET]   conv1 and conv2, normalised and pooled: each column reads only its own maps there
+#   features[COLUMNS_MEET:]   conv3 (the first layer that reads both columns' maps) to conv5, pooled
+#   avgpool, classifier       the 6x6 pooling, then the fully connected part (Classifier names its modules)
+COLUMNS_MEET = 8
 
 
 def conv5_side(side: int) -> int:
@@ -72,6 +84,39 @@ class ColumnNorm(nn.LocalResponseNorm):
                           for part in parts], dim=1)
 
 
+class Classifier(NamedTuple):
+    """The fully connected part by role: the modules of AlexNet's `classifier` (or of a layout's copy of it), in
+    order."""
+    dropout1: nn.Module  # before fc1
+    fc1: nn.Module
+    relu1: nn.Module
+    dropout2: nn.Module  # before fc2
+    fc2: nn.Module
+    relu2: nn.Module
+    fc3: nn.Module  # the logits
+
+
+def layer_name(role: str) -> str:
+    """The module name of a layer of the classifier ("fc1", "fc2", "fc3"): its state_dict entries' prefix."""
+    return f"classifier.{Classifier._fields.index(role)}"
+
+
+def column_stages(features: nn.Sequential) -> tuple:
+    """(the layers before the columns first meet, the rest) of AlexNet's `features` or of a column's copy of them."""
+    return features[:COLUMNS_MEET], features[COLUMNS_MEET:]
+
+
+def convolutions(features: nn.Sequential) -> list:
+    """conv1 to conv5, the feature extractor's layers with weights."""
+    return [layer for layer in features if isinstance(layer, nn.Conv2d)]
+
+
+def folds(maps: torch.Tensor, training: bool, first_linear_once: bool, dropout: float) -> bool:
+    """Whether fc1 runs once on conv5's `maps` instead of on their 36 pooled copies (`fold_positions`): the maps are
+    1x1 and no dropout draws a mask per copy (evaluation, dropout 0, or --first_linear_once)."""
+    return maps.shape[-2:] == (1, 1) and (first_linear_once or not training or dropout == 0)
+
+
 def fold_positions(weight: torch.Tensor, channels: int) -> torch.Tensor:
     """The first linear layer's weight over `channels` x 36 pooled copies, summed over the copies: the same layer
     applied once to a 1x1 map."""
@@ -83,6 +128,9 @@ class AlexNet(nn.Module):
                  first_linear_once: bool = False, lrn_alpha: float = 1e-4):
         super().__init__()
         self.first_linear_once = first_linear_once
+        # what builds this network again around other weights (a layout gathering the whole network)
+        self.settings = {"num_classes": num_classes, "groups": groups, "dropout": dropout,
+                         "first_linear_once": first_linear_once, "lrn_alpha": lrn_alpha}
         if groups not in COLUMN_WIDTHS:
             raise ValueError(f"groups must be 1 or 2, got {groups}")
         c1, c2, c3, c4, c5 = COLUMN_WIDTHS[groups]
@@ -106,12 +154,12 @@ class AlexNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
-            nn.Linear(c5 * 6 * 6, 4096),
+            nn.Linear(c5 * 6 * 6, HIDDEN),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
+            nn.Linear(HIDDEN, HIDDEN),
             nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
+            nn.Linear(HIDDEN, num_classes),
         )
         if init == "paper":
             self._paper_init()
@@ -121,12 +169,11 @@ class AlexNet(nn.Module):
             raise ValueError(f"init must be 'pytorch', 'paper' or 'kaiming', got {init!r}")
 
     def _paper_init(self):
-        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
-        linears = [m for m in self.classifier if isinstance(m, nn.Linear)]
-        for layer in convs + linears:
+        convs, head = convolutions(self.features), Classifier(*self.classifier)
+        for layer in convs + [head.fc1, head.fc2, head.fc3]:
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             nn.init.zeros_(layer.bias)
-        for layer in (convs[1], convs[3], convs[4], linears[0], linears[1]):
+        for layer in (convs[1], convs[3], convs[4], head.fc1, head.fc2):
             nn.init.ones_(layer.bias)
 
     def _kaiming_init(self):
@@ -134,7 +181,7 @@ class AlexNet(nn.Module):
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
-        nn.init.normal_(self.classifier[-1].weight, mean=0.0, std=0.01)
+        nn.init.normal_(Classifier(*self.classifier).fc3.weight, mean=0.0, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < MIN_INPUT or x.shape[-2] < MIN_INPUT:
@@ -142,15 +189,16 @@ class AlexNet(nn.Module):
                 f"AlexNet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} pixels, got {x.shape[-2]}x{x.shape[-1]}"
             )
         x = self.features(x)
-        if x.shape[-2:] == (1, 1) and (self.first_linear_once or not self.training or self.classifier[0].p == 0):
+        if folds(x, self.training, self.first_linear_once, Classifier(*self.classifier).dropout1.p):
             return self._classify_single_position(torch.flatten(x, 1))
         x = self.avgpool(x)
         return self.classifier(torch.flatten(x, 1))
 
     def _classify_single_position(self, x: torch.Tensor) -> torch.Tensor:
-        dropout, first, *rest = self.classifier  # one mask per feature (inactive in evaluation)
-        x = nn.functional.linear(dropout(x), fold_positions(first.weight, x.shape[1]), first.bias)
-        for layer in rest:
+        head = Classifier(*self.classifier)
+        x = head.dropout1(x)  # one mask per feature (inactive in evaluation)
+        x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]), head.fc1.bias)
+        for layer in head[2:]:
             x = layer(x)
         return x
 
@@ -163,5 +211,5 @@ def alexnet(num_classes: int = 10, groups: int = 1, dropout: float = 0.5, init: 
 
 def architecture(model: AlexNet) -> dict:
     """What a weights file must match to load into `model`."""
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    return {"groups": convs[1].groups, "num_classes": model.classifier[-1].out_features}
+    return {"groups": convolutions(model.features)[1].groups,
+            "num_classes": Classifier(*model.classifier).fc3.out_features}

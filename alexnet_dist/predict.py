@@ -17,6 +17,7 @@ from .config import UsageError
 from .data import IMAGE_EXTENSIONS, UnreadableImage, read_image, resize_images
 from .engine import view_probabilities
 from .files import write_text
+from .layouts import choose_layout
 from .runtime import stop_together
 from .training import build_model
 from .transforms import Augmentation
@@ -42,7 +43,10 @@ def predict(plan, accelerator) -> list:
     """[{file, top: [{class, probability}]}] for every readable image; printed and optionally saved."""
     cfg, paths, weights = plan.cfg, plan.predict_paths, plan.weights
     classes = weights["classes"] or [str(i) for i in range(weights["architecture"]["num_classes"])]
-    model = accelerator.prepare(build_model(cfg, accelerator, len(classes), weights)).eval()
+    # a layout that cuts the network refuses --predict (layouts.check_flags): the whole network predicts here
+    layout = choose_layout(cfg, accelerator.num_processes)
+    model, _ = layout.place(build_model(cfg, accelerator, len(classes), weights), cfg, accelerator, optimizer=False)
+    model.eval()
     augmentation = Augmentation(cfg.random_crop, cfg.mean, cfg.std, accelerator.device,
                                 channels_last=accelerator.device.type == "cuda")
     top_k = min(cfg.top_k, len(classes))

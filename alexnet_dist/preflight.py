@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import check_architecture, read_weights
-from .columns import replicas
 from .config import Config, UsageError
 from .data import Data, load_data
 from .files import check_writable
+from .layouts import choose_layout
 from .loaders import streams
 from .predict import image_paths
 from .resume import choose
@@ -79,8 +79,10 @@ def preflight(cfg: Config, state) -> Plan:
 
 
 def batch_share(cfg: Config, num_processes: int) -> int:
-    """Images per micro-batch of each replica; UsageError if the processes or the batch do not split."""
-    return micro_batch_size(cfg.batch_size, replicas(cfg.parallel, num_processes), cfg.grad_accum_steps, cfg.parallel)
+    """Images per micro-batch of each replica; UsageError if the layout cannot use the processes, or the batch does
+    not split."""
+    layout = choose_layout(cfg, num_processes)
+    return micro_batch_size(cfg.batch_size, layout.replicas, cfg.grad_accum_steps, layout.unit)
 
 
 def decide(cfg: Config, state, precision: str) -> tuple:

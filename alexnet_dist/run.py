@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from . import __version__, dashboard
 from .checkpoint import Checkpoints, complete_checkpoints, save_weights
 from .clock import clock
-from .columns import whole_model
 from .engine import TTA_VIEWS, Evaluator, accuracy, per_class_accuracy
 from .loaders import check_readable
 from .resume import how_to_continue, restore, truncate_metrics
@@ -87,7 +86,7 @@ class Run:
         cfg, accelerator, data = self.cfg, self.accelerator, self.data
         self.print("configuration: " + " ".join(f"{name}={value}" for name, value in self.config.items()))
         self.print(
-            f"{breakdown(cfg.batch_size, self.trainer.loader.world, cfg.grad_accum_steps, cfg.parallel)}; "
+            f"{breakdown(cfg.batch_size, self.trainer.layout, cfg.grad_accum_steps)}; "
             f"{device_name(accelerator.device)}, precision {accelerator.mixed_precision}"
             f"{', CUDA graphs' if self.trainer.graphs else ''}{', compiled' if cfg.compile != 'false' else ''}; "
             f"{len(data.train)} training / {len(data.val) if data.val else 0} validation images, "
@@ -350,7 +349,7 @@ class Run:
         files = [(save_path, unwrapped, "final")]
         if self.trainer.average is not None:
             files.append((save_path.with_name(f"{save_path.stem}_ema{save_path.suffix}"),
-                          whole_model(self.trainer.average.module), "averaged"))  # every rank: a collective
+                          self.trainer.layout.whole_model(self.trainer.average.module), "averaged"))  # all ranks
         error = None
         if self.accelerator.is_main_process:
             try:

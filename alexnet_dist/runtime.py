@@ -110,26 +110,23 @@ def build_accelerator(cfg, log_with=None, project_dir=None) -> Accelerator:
     )
 
 
-def replica_unit(parallel: str) -> str:
-    return "pair(s) of column processes" if parallel == "columns" else "process(es)"
-
-
-def micro_batch_size(batch_size: int, replicas: int, grad_accum_steps: int, parallel: str = "data") -> int:
-    """Images per micro-batch of each replica (a process, or a pair of column processes: columns.replicas)."""
+def micro_batch_size(batch_size: int, replicas: int, grad_accum_steps: int, unit: str = "process(es)") -> int:
+    """Images per micro-batch of each replica (the layout's: a process, or a pair of column processes, the `unit`)."""
     shares = replicas * grad_accum_steps
     if batch_size % shares:
         raise UsageError(
-            f"--batch_size {batch_size} does not split evenly into {replicas} {replica_unit(parallel)} x "
+            f"--batch_size {batch_size} does not split evenly into {replicas} {unit} x "
             f"{grad_accum_steps} accumulation step(s): use a multiple of {shares}"
         )
     return batch_size // shares
 
 
-def breakdown(batch_size: int, replicas: int, grad_accum_steps: int, parallel: str = "data") -> str:
-    micro = micro_batch_size(batch_size, replicas, grad_accum_steps, parallel)
+def breakdown(batch_size: int, layout, grad_accum_steps: int) -> str:
+    """How the global batch is shared out under `layout` (layouts.py)."""
+    micro = micro_batch_size(batch_size, layout.replicas, grad_accum_steps, layout.unit)
     return (
-        f"global batch {batch_size} = {replicas} {replica_unit(parallel)} x {grad_accum_steps} accumulation step(s) "
-        f"x {micro} images per micro-batch"
+        f"global batch {batch_size} = {layout.replicas} {layout.unit} x {grad_accum_steps} accumulation step(s) "
+        f"x {micro} images per micro-batch{layout.note(micro)}"
     )
 
 

@@ -6,19 +6,18 @@
         model = run.finish()
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import load_weights
 from .clock import clock
-from .columns import Column, data_shard, pair_up, share_optimizer_state, whole_model
-from .columns import prepare as prepare_column
 from .data import pixel_sample, resize_images
-from .engine import Meter, NonfiniteGuard, build_average, build_optimizer, build_scheduler, evaluate
+from .engine import Meter, NonfiniteGuard, build_average, build_scheduler, evaluate
+from .layouts import Data, choose_layout
 from .loaders import make_loader
-from .model import alexnet
+from .model import alexnet, convolutions
 from .run import print_accuracy
 from .speedups import Speedups
 from .transforms import Augmentation, colour_pca, patch_filters
@@ -42,6 +41,7 @@ class Trainer:
     speedups: Speedups              # CUDA graphs, compilation's first steps
     graphs: bool = False
     global_step: int = 0
+    layout: object = field(default_factory=lambda: Data(1))  # how the network is spread (layouts.py)
 
     @property
     def plateau(self) -> bool:
@@ -52,9 +52,9 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def whole_model(self) -> torch.nn.Module:
-        """The ordinary network that was trained (under --parallel columns gathered from the pair: every rank calls
-        it)."""
-        return whole_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+        """The ordinary network that was trained (gathered from the processes where the layout cuts it: every rank
+        calls it)."""
+        return self.layout.whole_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
 
 
 def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None, train_set=None):
@@ -65,7 +65,7 @@ def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None,
     model = alexnet(num_classes=num_classes, groups=cfg.groups, dropout=cfg.dropout, init=cfg.init,
                     first_linear_once=cfg.first_linear_once, lrn_alpha=cfg.lrn_alpha)
     if cfg.conv1_from_data and weights is None and train_set is not None:
-        conv1 = model.features[0]
+        conv1 = convolutions(model.features)[0]
         sample = resize_images(pixel_sample(train_set, cfg.resize)[:CONV1_SAMPLE], cfg.resize)
         with torch.no_grad():
             conv1.weight.copy_(patch_filters(sample, cfg.mean, cfg.std, conv1.out_channels))
@@ -87,41 +87,30 @@ def build_model(cfg, accelerator, num_classes: int, weights: dict | None = None,
     return model
 
 
-def loader_factory(cfg, accelerator, micro_batch: int, train_set=None):
-    """imageset -> this rank's loader, all with the same preprocessing (PCA colour basis from `train_set`)."""
+def loader_factory(cfg, accelerator, micro_batch: int, train_set=None, layout=None):
+    """imageset -> this rank's loader, all with the same preprocessing (PCA colour basis from `train_set`), taking
+    the share of the images the layout gives this process (default: the one `cfg` chooses)."""
     basis = colour_pca(pixel_sample(train_set, cfg.resize)) if cfg.pca_color and train_set is not None else None
     on_gpu = accelerator.device.type == "cuda"
     augmentation = Augmentation(
         cfg.random_crop, cfg.mean, cfg.std, accelerator.device, basis, cfg.cutout, channels_last=on_gpu
     )
-    shard, shares, counts = data_shard(cfg.parallel, accelerator.process_index, accelerator.num_processes)
+    layout = layout or choose_layout(cfg, accelerator.num_processes)
+    shard, shares, counts = layout.shard(accelerator.process_index)
     return lambda imageset: make_loader(imageset, augmentation, accelerator.device, cfg, micro_batch, shard, shares,
                                         counts)
-
-
-def place(cfg, accelerator, model, optimizer: bool = True) -> tuple:
-    """(the model, its optimizer or None), prepared for the launch's layout: data-parallel through Accelerate, or
-    the paper's columns, one per process of a pair (columns.py). The one place the layout is chosen."""
-    if cfg.parallel == "data":
-        if not optimizer:
-            return accelerator.prepare(model), None
-        return accelerator.prepare(model, build_optimizer(model, cfg))
-    column = Column(model, pair_up(accelerator.device.type))
-    sgd = build_optimizer(column, cfg) if optimizer else None
-    if sgd is not None:
-        share_optimizer_state(sgd, column)
-        sgd = accelerator.prepare(sgd)
-    return prepare_column(column, accelerator, cfg.ddp_comm_hook), sgd
 
 
 def build_trainer(
     cfg, accelerator, train_set, num_classes: int, micro_batch: int, graphs: bool = False, weights: dict | None = None
 ) -> Trainer:
-    """Model, loader, optimizer, schedule, loss, average and speed-ups, prepared: what `train` runs."""
+    """Model, loader, optimizer, schedule, loss, average and speed-ups, prepared for the launch's layout: what
+    `train` runs."""
+    layout = choose_layout(cfg, accelerator.num_processes)
     with clock.part("data"):
-        make = loader_factory(cfg, accelerator, micro_batch, train_set)
+        make = loader_factory(cfg, accelerator, micro_batch, train_set, layout)
         loader = make(train_set)
-    model, optimizer = place(cfg, accelerator, build_model(cfg, accelerator, num_classes, weights, train_set))
+    model, optimizer = layout.place(build_model(cfg, accelerator, num_classes, weights, train_set), cfg, accelerator)
     scheduler = build_scheduler(optimizer.optimizer, cfg, loader.steps_per_epoch)  # ours: once per optimizer step
     return Trainer(
         accelerator=accelerator,
@@ -132,10 +121,11 @@ def build_trainer(
         loader=loader,
         make_loader=make,
         average=build_average(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema),
-        meter=Meter(accelerator, loader.world),
+        meter=Meter(accelerator, layout.replicas),
         guard=NonfiniteGuard(accelerator, cfg.skip_nonfinite),
         speedups=Speedups(accelerator, optimizer, graphs, compiled=cfg.compile != "false"),
         graphs=graphs,
+        layout=layout,
     )
 
 
@@ -216,11 +206,13 @@ class GivenBatches:
 def evaluate_saved(plan, accelerator):
     """--train=False: the saved weights on the test split (validation if there is none), overall and per class."""
     cfg, data = plan.cfg, plan.data
-    model, _ = place(cfg, accelerator, build_model(cfg, accelerator, len(data.classes), plan.weights), optimizer=False)
+    layout = choose_layout(cfg, accelerator.num_processes)
+    model, _ = layout.place(build_model(cfg, accelerator, len(data.classes), plan.weights), cfg, accelerator,
+                            optimizer=False)
     split_name, imageset = ("test", data.test) if data.test is not None else ("validation", data.val)
     if data.test is None:
         accelerator.print(f"{data.test_note.split(':')[0]}: evaluating on the validation split instead")
-    loader = loader_factory(cfg, accelerator, plan.micro_batch)(imageset)
+    loader = loader_factory(cfg, accelerator, plan.micro_batch, layout=layout)(imageset)
     confusion = evaluate(model, loader, accelerator, len(data.classes), 2 * plan.micro_batch, (cfg.tta,))[cfg.tta]
     print_accuracy(accelerator.print, f"{split_name} (tta {cfg.tta})", confusion, data.classes)
-    return whole_model(accelerator.unwrap_model(model))
+    return layout.whole_model(accelerator.unwrap_model(model))

@@ -43,9 +43,14 @@ def row(flag: str) -> str:
 BOUNDS = "tests/test_flags.py::test_numeric_flag_bounds"
 TRAINING, ENGINE, LOADERS, DATA = (f"alexnet_dist/{name}.py" for name in ("training", "engine", "loaders", "data"))
 AUGMENTATION = "cfg.random_crop, cfg.mean, cfg.std, accelerator.device"  # one line in training.py, three flags
-COLUMNS = "alexnet_dist/columns.py"
+COLUMNS, SHARDED = "alexnet_dist/columns.py", "alexnet_dist/sharded.py"
 COLUMNS_MATCH = "tests/test_columns.py::test_columns_learn_what_one_process_learns_and_count_each_image_once[2]"
 PLAN = "cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,"  # the epoch plan's flags, in loaders.py
+HYBRID = "alexnet_dist/hybrid.py"
+HYBRID_PARTS = ("tests/test_hybrid.py::test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_"
+                "fc1s_input")
+HYBRID_MATCH = "tests/test_hybrid.py::test_hybrid_learns_what_one_process_learns_and_counts_each_image_once[2]"
+FC2_PARTIAL = "sum_scatter(nn.functional.linear(x, head.fc2.weight), group)"  # fc2's partial sums, in hybrid.py
 
 MUTATIONS = [
     # issue 32's four, which no test caught
@@ -108,13 +113,31 @@ MUTATIONS = [
              ("tests/test_tracking.py::test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_"
               "trained_with",)),
     # the column split: a layer reading the other column's maps first; the logits' bias added by both columns
-    Mutation("columns_exchange", COLUMNS, "torch.cat(parts.chunk(COLUMNS), dim=1)",
-             "torch.cat(parts.chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
-    Mutation("columns_logits_bias", COLUMNS, "part.bias.requires_grad_(False)", "part.bias.requires_grad_(True)",
+    Mutation("columns_exchange", COLUMNS, "torch.cat(gather_batch(part, group).chunk(COLUMNS), dim=1)",
+             "torch.cat(gather_batch(part, group).chunk(COLUMNS)[::-1], dim=1)", (COLUMNS_MATCH,)),
+    Mutation("columns_logits_bias", SHARDED, "parameter.requires_grad_(False)", "parameter.requires_grad_(True)",
              (COLUMNS_MATCH,)),
     # the average's file saved as this column's share, not the whole network
-    Mutation("columns_average_whole", "alexnet_dist/run.py", "whole_model(self.trainer.average.module)",
-             "self.trainer.average.module", (COLUMNS_MATCH,)),
+    Mutation("columns_average_whole", "alexnet_dist/run.py",
+             "self.trainer.layout.whole_model(self.trainer.average.module)", "self.trainer.average.module",
+             (COLUMNS_MATCH,)),
+    # the hybrid's exchange: the cut layers' gradients not divided by N (they sum every process's loss); fc2's
+    # partial sums not added over the processes; fc2's bias added by every process before the sum; fc1's gathered
+    # input dropped by each process after the gather (its own mask on every image); DDP averaging the cut layers'
+    # different slices
+    Mutation("hybrid_gradient_scale", HYBRID, "lambda gradient: gradient / shards.count", "lambda gradient: gradient",
+             (HYBRID_PARTS, HYBRID_MATCH)),
+    Mutation("hybrid_reduce_scatter", HYBRID, FC2_PARTIAL,
+             "nn.functional.linear(x, head.fc2.weight).chunk(self.shards.count)[self.shards.index]",
+             (HYBRID_PARTS, HYBRID_MATCH)),
+    Mutation("hybrid_bias_once", HYBRID, FC2_PARTIAL, FC2_PARTIAL.replace("head.fc2.weight)", "head.fc2.weight, "
+                                                                                             "head.fc2.bias)"),
+             (HYBRID_PARTS,)),
+    Mutation("hybrid_dropout_owner", HYBRID, "head.fc1(gather_batch(head.dropout1(torch.flatten(self.avgpool(x), 1)), "
+             "group))", "head.fc1(head.dropout1(gather_batch(torch.flatten(self.avgpool(x), 1), group)))",
+             (HYBRID_PARTS,)),
+    Mutation("hybrid_ddp_whole_only", HYBRID, "return part, mesh.get_group(), list(CUT)",
+             "return part, mesh.get_group(), []", (HYBRID_PARTS,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),
     Mutation("init", TRAINING, "init=cfg.init,", 'init="kaiming",', (row("init"),)),
     Mutation("seed_weights", TRAINING, "set_seed(cfg.seed)", "set_seed(0)", (row("seed"),)),

@@ -3,6 +3,7 @@
     python scripts/parallel_bench.py                       # CPU: gloo, two processes (and one)
     python scripts/parallel_bench.py --device cuda         # two GPUs: nccl (one GPU: says so, exits with 3)
     python scripts/parallel_bench.py --rounds 3 --windows 2 --steps 4 --json_path parallel.json
+    python scripts/parallel_bench.py --layouts hybrid,one                 # some of the layouts (names below)
 
 Four layouts of the same training step (the default flags with --groups 2: the paper's two-column network, crop 64,
 global batch 256, the precision `auto` picks) take turns, one launch each per round, so that a machine whose speed
@@ -13,9 +14,12 @@ drifts slows them alike:
   one         1 process (every core), the whole network
 Each launch trains through the training loop (training.train) on one batch already on the device (no data work),
 warms up, then times `windows` windows of `steps` optimizer steps; figures are medians over all windows with their
-min-max. Bytes: what one process hands to the collectives per optimizer step, counted as they pass (columns: each
-exchange's own part, forward and backward, and the logits; data: the gradient buckets DDP all-reduces, in the
-dtype they travel in). Then one step at a time, forward and backward (communication included) are timed apart.
+min-max. Bytes: what one process hands to the collectives per optimizer step, counted as they pass: the exchanges of
+activations that the layout counts (its `traffic`: columns' each exchange's own part, forward and backward, and the
+logits), plus the gradient buckets DDP all-reduces, in the dtype they travel in (data's, and hybrid's, which
+all-reduces what every process holds whole). Then one step at a time, forward and backward (communication included)
+are timed apart. `hybrid` (2 processes, --parallel hybrid: convolutions data-parallel, fc1 and fc2 cut over both) runs
+when --layouts names it.
 """
 
 import json
@@ -38,7 +42,9 @@ LAYOUTS = {  # name: (processes, flags)
     "data": (2, ["--parallel", "data"]),
     "data_bf16": (2, ["--parallel", "data", "--ddp_comm_hook", "bf16"]),
     "one": (1, []),
+    "hybrid": (2, ["--parallel", "hybrid"]),
 }
+DEFAULT_LAYOUTS = ("columns", "data", "data_bf16", "one")
 
 
 def counting(hook, element_size: int, tally: dict):
@@ -55,7 +61,6 @@ def run_layout(layout: str, device: str, windows: int, steps: int, json_path: st
     """One launch of one layout (run by torchrun, or alone for `one`): its windows' figures into `json_path`."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from alexnet_dist.columns import Traffic
     from alexnet_dist.config import Config
     from alexnet_dist.data import ImageSet
     from alexnet_dist.preflight import batch_share
@@ -75,9 +80,8 @@ def run_layout(layout: str, device: str, windows: int, steps: int, json_path: st
     trainer = build_trainer(cfg, accelerator, images, 10, micro)
     batch = next(iter(trainer.loader.train_epoch(0)))
     trainer.loader = GivenBatches([batch] * steps)
-    tally = None  # DDP's bytes; the columns' are counted by columns.Traffic
+    tally = {"bytes": 0}  # DDP's bytes; the activations' are counted by the layout's traffic
     if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
-        tally = {"bytes": 0}
         sent = {"none": (default_hooks.allreduce_hook, 4), "bf16": (default_hooks.bf16_compress_hook, 2)}[hook]
         trainer.model.register_comm_hook(None, counting(*sent, tally))
 
@@ -88,15 +92,13 @@ def run_layout(layout: str, device: str, windows: int, steps: int, json_path: st
             accelerator.wait_for_everyone()
 
     def window() -> dict:
-        Traffic.bytes = 0
-        if tally is not None:
-            tally["bytes"] = 0
+        trainer.layout.traffic.bytes = tally["bytes"] = 0
         sync()
         started = time.perf_counter()
         train(trainer, Steps([0]))
         sync()
         seconds = time.perf_counter() - started
-        sent = (tally["bytes"] if tally is not None else Traffic.bytes) / steps
+        sent = (tally["bytes"] + trainer.layout.traffic.bytes) / steps
         return {"steps_per_second": steps / seconds, "bytes_per_step": sent}
 
     window()  # warm-up
@@ -145,22 +147,26 @@ def spread(values: list) -> str:
 
 
 def main(device: str = "cpu", rounds: int = 3, windows: int = 2, steps: int = 4, json_path: str | None = None,
-         port: int = 29511, worker: str | None = None):
+         port: int = 29511, worker: str | None = None, layouts=DEFAULT_LAYOUTS):
     if worker is not None:
         return run_layout(worker, device, windows, steps, json_path)
     if device == "cuda" and torch.cuda.device_count() < 2:
         print(f"parallel_bench: {torch.cuda.device_count()} GPU(s) here; the comparison needs two: skipped")
         sys.exit(SKIPPED)
-    runs = {name: [] for name in LAYOUTS}
+    layouts = [layouts] if isinstance(layouts, str) else list(layouts)  # fire: "a,b" is a tuple, "a" a string
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown:
+        raise SystemExit(f"parallel_bench: no layout {unknown[0]} (the layouts: {', '.join(LAYOUTS)})")
+    runs = {name: [] for name in layouts}
     scratch = Path(json_path or "parallel_bench.json").with_suffix(".window.json")
     for _ in range(rounds):
-        for name in LAYOUTS:
+        for name in layouts:
             runs[name].append(launch(name, device, windows, steps, scratch, port))
     scratch.unlink(missing_ok=True)
-    one = runs["one"]
-    report = {"device": one[0]["device"], "rounds": rounds, "windows_per_round": windows, "steps_per_window": steps,
+    device_name = next(iter(runs.values()))[0]["device"]
+    report = {"device": device_name, "rounds": rounds, "windows_per_round": windows, "steps_per_window": steps,
               "layouts": {}}
-    print(f"{one[0]['device']}, {rounds} rounds x {windows} windows x {steps} optimizer steps, batch 256, groups 2")
+    print(f"{device_name}, {rounds} rounds x {windows} windows x {steps} optimizer steps, batch 256, groups 2")
     print(f"{'layout':<10} {'steps/s (median, min-max)':<28} {'MB sent/step/process':>21} {'forward s':>10} "
           f"{'backward s':>11} {'threads':>8}")
     for name, launches in runs.items():
