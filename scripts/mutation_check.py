@@ -44,12 +44,12 @@ BOUNDS = "tests/test_flags.py::test_numeric_flag_bounds"
 TRAINING, ENGINE, LOADERS, DATA = (f"alexnet_dist/{name}.py" for name in ("training", "engine", "loaders", "data"))
 AUGMENTATION = "cfg.random_crop, cfg.mean, cfg.std, accelerator.device"  # one line in training.py, three flags
 COLUMNS, SHARDED = "alexnet_dist/columns.py", "alexnet_dist/sharded.py"
-COLUMNS_MATCH = "tests/test_columns.py::test_columns_learn_what_one_process_learns_and_count_each_image_once[2]"
+LAYOUTS_MATCH = "tests/test_layouts.py::test_split_layouts_learn_what_one_process_learns_and_count_each_image_once"
+COLUMNS_MATCH, HYBRID_MATCH = f"{LAYOUTS_MATCH}[columns-2]", f"{LAYOUTS_MATCH}[hybrid-2]"
 PLAN = "cfg.resize, cfg.random_crop, cfg.flip, cfg.seed,"  # the epoch plan's flags, in loaders.py
 HYBRID = "alexnet_dist/hybrid.py"
 HYBRID_PARTS = ("tests/test_hybrid.py::test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_"
                 "fc1s_input")
-HYBRID_MATCH = "tests/test_hybrid.py::test_hybrid_learns_what_one_process_learns_and_counts_each_image_once[2]"
 FC2_PARTIAL = "sum_scatter(nn.functional.linear(x, head.fc2.weight), group)"  # fc2's partial sums, in hybrid.py
 
 MUTATIONS = [

@@ -279,6 +279,17 @@ def assert_same_weights(first: dict, second: dict, exact: bool = False):
             torch.testing.assert_close(first[name], second[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def assert_refused_in_one_line(result: Result, processes: int, message: str, folder: Path):
+    """Bad input: one `error:` line holding `message`, status 2 (under torchrun: each rank's), nothing written."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    if processes == 1:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    else:  # torchrun's own status and report are its business (1 when it stopped the others); the ranks exited 2
+        assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr
+    assert list(folder.iterdir()) == []  # no run folder, no weights
+
+
 def write_image_folder(root: Path, split: str, imageset, classes, count: int) -> list:
     """The first `count` images of `imageset` as PNGs under root/split/<class>/; their paths."""
     from torchvision.io import write_png
@@ -359,7 +370,7 @@ def paused_save(folder: Path, seconds: float) -> Path:
 # the longest tests (one minute or so each on two busy cores), started first: the two workers then end together
 # instead of one of them running a long test alone at the end
 LONGEST_FIRST = [
-    "test_columns_learn_what_one_process_learns",  # with its group: the one-process and column-pair runs
+    "test_split_layouts_learn_what_one_process_learns",  # with its group: the one-process, columns and hybrid runs
     "test_weights_and_checkpoints_cross_between_the_layouts",
     "test_two_nodes_two_processes_and_accumulation",  # with its group: the reference run and the slurm test
     "test_slurm_script_starts_the_same_two_node_job",

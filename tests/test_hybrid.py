@@ -1,83 +1,27 @@
-"""--parallel hybrid (hybrid.py): the convolutions data-parallel, fc1 and fc2 cut over every process. On 2 and 4 CPU
-processes (gloo) it learns what one process learns, counts each image once, drops the same features of fc1's
-gathered input on every process, and shares weights files and checkpoints with one process both ways."""
+"""--parallel hybrid (hybrid.py): the convolutions data-parallel, fc1 and fc2 cut over every process. Each process's
+part computes what the whole network computes, with dropout drawn as a data-parallel process draws it; the one-column
+network on 4 CPU processes (gloo) learns what one process learns; what it cannot run is refused in one line.
+tests/test_layouts.py trains the two-column network under it and crosses its checkpoints with the other layouts'."""
 
 import json
-import re
-import shutil
 
 import pytest
-from conftest import ROOT, SAME_STEPS, assert_same_weights, copy_run_folder, run_cli
+from conftest import ROOT, assert_refused_in_one_line, run_cli
+from test_layouts import EXACT, assert_learns_what_one_process_learns, train
 
-from alexnet_dist.checkpoint import complete_checkpoints, read_weights
-
-# the one-column network, trained without randomness in float64: 5 optimizer steps; a checkpoint after step 3 (and
-# the last); a weights' average, whose file and place in the checkpoints are the whole network's too
-EXACT = SAME_STEPS + ["--log_freq", "1", "--checkpoint_steps", "3", "--keep_checkpoints", "2", "--ema", "0.9"]
 HYBRID = ["--parallel", "hybrid"]
 
 
-def train(folder, processes: int = 1):
-    layout = HYBRID if processes > 1 else []
-    result = run_cli(EXACT + layout + ["--save", "model.pth", "--run_dir", "run"], cwd=folder, processes=processes,
-                     float64=True).ok()
-    shutil.rmtree(complete_checkpoints(folder / "run" / "checkpoints")[-1])  # the last step's: 1.4 GB, never read
-    return result
-
-
-# session fixtures, read by the tests of one worker (xdist_group "hybrid"): each run is made once
-@pytest.fixture(scope="session")
-def one_process(tmp_path_factory):
-    """The reference: one process."""
-    return train(tmp_path_factory.mktemp("one"))
-
-
-@pytest.fixture(scope="session")
-def hybrid_pair(tmp_path_factory):
-    """Two processes, each with the convolutions and half of fc1 and fc2."""
-    return train(tmp_path_factory.mktemp("hybrid"), processes=2)
-
-
 @pytest.mark.exact
-@pytest.mark.xdist_group("hybrid")
-@pytest.mark.parametrize("processes", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_hybrid_learns_what_one_process_learns_and_counts_each_image_once(processes, one_process, hybrid_pair,
-                                                                          tmp_path):
-    result = hybrid_pair if processes == 2 else train(tmp_path, processes)
-    assert (f"global batch 32 = {processes} process(es) x 1 accumulation step(s) x {32 // processes} images per "
-            f"micro-batch (convolutions data-parallel; fc1 and fc2 cut {processes} ways") in result.stdout
-    assert result.stdout.count("test (tta none) accuracy") == 1  # only the main process prints
-    for name in ("model.pth", "model_ema.pth"):
-        assert_same_weights(result.weights(name), one_process.weights(name))
-    assert result.accuracy() == one_process.accuracy()
-    assert result.accuracy()[2] == 200  # fake data's test images, each once (not once a process)
-    assert result.losses() == one_process.losses() and len(result.losses()) == 5
-
-
-@pytest.mark.exact
-@pytest.mark.xdist_group("hybrid")
-def test_weights_and_checkpoints_cross_between_hybrid_and_one_process(one_process, hybrid_pair, tmp_path):
-    """Trained hybrid, evaluated by one process (and the other way round) with the same accuracy; a mid-epoch
-    checkpoint of either layout resumes under the other and ends where an unbroken run ends."""
-    reference, hybrid = one_process.cwd, hybrid_pair
-    assert read_weights(hybrid.cwd / "model.pth")["architecture"] == {"groups": 1, "num_classes": 10}
-
-    evaluate = ["--dataset", "fake", "--train=False", "--tta", "none", "--mixed_precision", "no"]
-    by_one = run_cli(evaluate + ["--load_model_path", hybrid.cwd / "model.pth"], cwd=tmp_path, float64=True).ok()
-    by_pair = run_cli(evaluate + HYBRID + ["--load_model_path", reference / "model.pth"], cwd=tmp_path, processes=2,
-                      float64=True).ok()
-    assert by_one.accuracy() == hybrid.accuracy()
-    assert by_pair.accuracy() == one_process.accuracy() and by_pair.accuracy()[2] == 200
-
-    for source, launch, processes in ((hybrid.cwd, [], 1), (reference, HYBRID, 2)):
-        copy = copy_run_folder(source / "run", tmp_path / f"resumed{processes}")
-        step_three = complete_checkpoints(copy / "checkpoints")[0]
-        assert step_three.name == "step-0000003"
-        resumed = run_cli(EXACT + launch + ["--save", f"resumed{processes}.pth", "--resume", step_three],
-                          cwd=tmp_path, processes=processes, float64=True).ok()
-        assert "resumed from" in resumed.stdout
-        assert_same_weights(resumed.weights(f"resumed{processes}.pth"), one_process.weights())
-        assert_same_weights(resumed.weights(f"resumed{processes}_ema.pth"), one_process.weights("model_ema.pth"))
+@pytest.mark.slow  # two float64 runs of their own, one on 4 processes
+def test_the_one_column_network_on_4_processes_learns_what_one_process_learns(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    reference = train(tmp_path / "one", flags=EXACT)
+    result = train(tmp_path / "four", "hybrid", processes=4, flags=EXACT)
+    assert ("global batch 32 = 4 process(es) x 1 accumulation step(s) x 8 images per micro-batch (convolutions "
+            "data-parallel; fc1 and fc2 cut 4 ways") in result.stdout
+    assert_learns_what_one_process_learns(result, reference)
 
 
 @pytest.mark.exact
@@ -115,10 +59,4 @@ def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_
 def test_bad_hybrid_layouts_are_refused_in_one_line(processes, flags, message, tmp_path):
     args = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", *HYBRID, *flags]
     result = run_cli(args, cwd=tmp_path, processes=processes, in_process=processes == 1)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    if processes == 1:
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-    else:  # torchrun's own status and report are its business (1 when it stopped the others); the ranks exited 2
-        assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr
-    assert list(tmp_path.iterdir()) == []  # no run folder, no weights
+    assert_refused_in_one_line(result, processes, message, tmp_path)
