@@ -388,31 +388,6 @@ LONGEST_FIRST = [
 ]
 
 
-# A launch writes 0.3-3.5 GB of checkpoints and weights: to a virtual disk at 300 MB/s (this project's 2-core
-# machine) that is a quarter of a float64 run's time, to a RAM folder a sixth of that. So the tests write under
-# /dev/shm where the machine has the memory for it, beside the processes the tests start (up to 6 GB of runs at
-# once, and 3 GB per process); elsewhere (a container's small /dev/shm, a user's TMPDIR or --basetemp) under the
-# usual temporary folder.
-RAM_FOLDER, RAM_FREE, MEMORY_FREE = Path("/dev/shm"), 12e9, 16e9
-
-
-def memory_available() -> float:
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        return int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
-    return 0.0
-
-
-def pytest_configure(config):
-    import tempfile
-
-    if config.option.basetemp or os.environ.get("TMPDIR"):
-        return  # chosen by the user (an xdist worker: its folder, chosen by the main process)
-    if RAM_FOLDER.is_dir() and os.access(RAM_FOLDER, os.W_OK) and shutil.disk_usage(RAM_FOLDER).free >= RAM_FREE \
-            and memory_available() >= MEMORY_FREE:
-        tempfile.tempdir = str(RAM_FOLDER)
-
-
 def pytest_sessionstart(session):
     import tempfile
 
