@@ -4,6 +4,7 @@
     python scripts/parallel_bench.py --device cuda         # two GPUs: nccl (one GPU: says so, exits with 3)
     python scripts/parallel_bench.py --rounds 3 --windows 2 --steps 4 --json_path parallel.json
     python scripts/parallel_bench.py --layouts hybrid,one                 # some of the layouts (names below)
+    python scripts/parallel_bench.py --processes 4 --layouts columns,data,hybrid   # the split layouts on 4
 
 Four layouts of the same training step (the default flags with --groups 2: the paper's two-column network, crop 64,
 global batch 256, the precision `auto` picks) take turns, one launch each per round, so that a machine whose speed
@@ -19,7 +20,8 @@ activations that the layout counts (its `traffic`: columns' each exchange's own 
 logits), plus the gradient buckets DDP all-reduces, in the dtype they travel in (data's, and hybrid's, which
 all-reduces what every process holds whole). Then one step at a time, forward and backward (communication included)
 are timed apart. `hybrid` (2 processes, --parallel hybrid: convolutions data-parallel, fc1 and fc2 cut over both) runs
-when --layouts names it.
+when --layouts names it. `--processes` launches the layouts of several processes on that many instead of 2 (on a CPU
+with fewer cores than processes their bytes per step still hold, their speed says little).
 """
 
 import json
@@ -124,8 +126,8 @@ def run_layout(layout: str, device: str, windows: int, steps: int, json_path: st
     accelerator.end_training()
 
 
-def launch(layout: str, device: str, windows: int, steps: int, json_path: Path, port: int) -> dict:
-    processes, _ = LAYOUTS[layout]
+def launch(layout: str, device: str, windows: int, steps: int, json_path: Path, port: int, processes: int) -> dict:
+    processes = 1 if LAYOUTS[layout][0] == 1 else processes
     script = [str(Path(__file__).resolve()), "--worker", layout, "--device", device, "--windows", str(windows),
               "--steps", str(steps), "--json_path", str(json_path)]
     if processes == 1:
@@ -147,11 +149,13 @@ def spread(values: list) -> str:
 
 
 def main(device: str = "cpu", rounds: int = 3, windows: int = 2, steps: int = 4, json_path: str | None = None,
-         port: int = 29511, worker: str | None = None, layouts=DEFAULT_LAYOUTS):
+         port: int = 29511, worker: str | None = None, layouts=DEFAULT_LAYOUTS, processes: int = 2):
     if worker is not None:
         return run_layout(worker, device, windows, steps, json_path)
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        print(f"parallel_bench: {torch.cuda.device_count()} GPU(s) here; the comparison needs two: skipped")
+    if not isinstance(processes, int) or processes < 2 or processes % 2:
+        raise SystemExit(f"parallel_bench: --processes must be an even number of at least 2, got {processes!r}")
+    if device == "cuda" and torch.cuda.device_count() < processes:
+        print(f"parallel_bench: {torch.cuda.device_count()} GPU(s) here; the comparison needs {processes}: skipped")
         sys.exit(SKIPPED)
     layouts = [layouts] if isinstance(layouts, str) else list(layouts)  # fire: "a,b" is a tuple, "a" a string
     unknown = sorted(set(layouts) - set(LAYOUTS))
@@ -161,7 +165,7 @@ def main(device: str = "cpu", rounds: int = 3, windows: int = 2, steps: int = 4,
     scratch = Path(json_path or "parallel_bench.json").with_suffix(".window.json")
     for _ in range(rounds):
         for name in layouts:
-            runs[name].append(launch(name, device, windows, steps, scratch, port))
+            runs[name].append(launch(name, device, windows, steps, scratch, port, processes))
     scratch.unlink(missing_ok=True)
     device_name = next(iter(runs.values()))[0]["device"]
     report = {"device": device_name, "rounds": rounds, "windows_per_round": windows, "steps_per_window": steps,
@@ -174,7 +178,7 @@ def main(device: str = "cpu", rounds: int = 3, windows: int = 2, steps: int = 4,
         sent = [w["bytes_per_step"] for run in launches for w in run["windows"]]
         forward = statistics.median(run["forward_s"] for run in launches)
         backward = statistics.median(run["backward_s"] for run in launches)
-        report["layouts"][name] = {"processes": LAYOUTS[name][0], "steps_per_second": rates,
+        report["layouts"][name] = {"processes": 1 if LAYOUTS[name][0] == 1 else processes, "steps_per_second": rates,
                                    "bytes_per_step": statistics.median(sent), "forward_s": forward,
                                    "backward_s": backward, "threads_per_process": launches[0]["threads"]}
         print(f"{name:<10} {spread(rates):<28} {statistics.median(sent) / 1e6:>21.2f} {forward:>10.3f} "
