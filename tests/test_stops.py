@@ -117,7 +117,8 @@ def test_ctrl_c_during_the_final_report_stops_the_run_at_once(tmp_path):
     assert (tmp_path / "model.pth").is_file()
 
 
-@pytest.mark.parametrize("layout", [[], ["--parallel", "columns", "--groups", "2"]], ids=["data", "columns"])
+@pytest.mark.parametrize("layout", [[], ["--parallel", "columns", "--groups", "2"], ["--parallel", "hybrid"]],
+                         ids=["data", "columns", "hybrid"])
 def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(layout, tmp_path):
     """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank. The
     same with the two columns on the two ranks: they stop together and save the whole network."""
@@ -151,7 +152,10 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(layout, tmp_pat
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
     assert all((saved[0] / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))  # both ranks saved that step
-    if layout:  # the whole network's weights and momenta, gathered from the pair, not column 0's half
+    if layout:  # the whole network's weights and momenta, gathered from both processes, not rank 0's part
         weights = torch.load(saved[0] / "pytorch_model.bin", weights_only=True)
         momenta = torch.load(saved[0] / "optimizer.bin", weights_only=True)["state"]
-        assert weights["features.0.weight"].shape[0] == 96 and momenta[0]["momentum_buffer"].shape[0] == 96
+        momentum_shapes = [entry["momentum_buffer"].shape for entry in momenta.values()]
+        conv1, fc1 = weights["features.0.weight"], weights["classifier.1.weight"]
+        assert conv1.shape[0] == (96 if "columns" in layout else 64) and fc1.shape[0] == 4096
+        assert conv1.shape in momentum_shapes and fc1.shape in momentum_shapes
