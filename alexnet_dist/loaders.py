@@ -74,17 +74,18 @@ class DeviceLoader:
     def eval_batches(self, batch_size: int):
         """(uint8 images, labels, number of real images) over this rank's shard of the split.
 
-        Ranks take strided shards and pad to the same number of full batches (padding repeats
-        image 0 and is not counted), so every rank runs the same shapes the same number of times.
+        Ranks take strided shards, padded to the longest shard's length (padding repeats image 0 and is not
+        counted), so every rank runs the same shapes the same number of times: full batches, then one shorter
+        batch where the shard does not divide (not padded to a full one: the split layouts' collectives need equal
+        shapes across ranks, not across batches, and a 5-image split would cost 32 images' views).
         """
         shard = torch.arange(self.rank, self.count, self.world)
-        num_batches = math.ceil(math.ceil(self.count / self.world) / batch_size)
-        padded = torch.zeros(num_batches * batch_size, dtype=torch.int64)
+        padded = torch.zeros(math.ceil(self.count / self.world), dtype=torch.int64)
         padded[: len(shard)] = shard
         chunks = padded.split(batch_size)
         index_chunks = [chunk.to(self.index_device) for chunk in chunks]
         for number, (chunk, images) in enumerate(zip(chunks, self._batches(index_chunks))):
-            valid = max(0, min(batch_size, len(shard) - number * batch_size)) if self.counts else 0
+            valid = max(0, min(len(chunk), len(shard) - number * batch_size)) if self.counts else 0
             yield images, self.labels[chunk.to(self.device)], valid
 
 

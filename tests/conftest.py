@@ -55,6 +55,10 @@ RESUMABLE = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_prec
                      "0"]
 
 
+# tests/launcher.py's switches for the exactness tests: float64, fc1 and fc2 of 512 neurons (its docstring says why)
+EXACT_ENV = {"TEST_FLOAT64": "1", "TEST_HIDDEN": "512"}
+
+
 def free_port() -> int:
     """A port free now on every address (as torch's c10d store binds it), drawn below the kernel's ephemeral
     range: the ports gloo, torchrun and the other worker's sockets get without asking come from that range, so
@@ -135,10 +139,10 @@ def rank_weights(folder: Path, rank: int = 0) -> dict:
 def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64=False,
             rank_weights=False, in_process=False) -> Result:
     """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`. `float64`: the network in
-    double precision, for the exactness tests; `rank_weights`: every rank saves the weights it ends with (both
-    through tests/launcher.py). `in_process`: the entry point called in this test process instead, without an
-    interpreter to start and torch to import (4 s of a 13 s launch), for tests of what a run does, not of how a
-    process starts, ends or takes signals."""
+    double precision and narrow (EXACT_ENV), for the exactness tests; `rank_weights`: every rank saves the weights
+    it ends with (both through tests/launcher.py). `in_process`: the entry point called in this test process
+    instead, without an interpreter to start and torch to import (4 s of a 13 s launch), for tests of what a run
+    does, not of how a process starts, ends or takes signals."""
     if in_process:
         assert script == TRAIN and processes == 1 and env is None and not (float64 or rank_weights)
         return run_here(args, cwd)
@@ -146,7 +150,7 @@ def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64
     if float64 or rank_weights:
         assert script == TRAIN, "the launcher runs launch/train.py's entry point only"
         script = LAUNCHER
-        env.update({"TEST_FLOAT64": "1"} if float64 else {})
+        env.update(EXACT_ENV if float64 else {})
         env.update({"TEST_RANK_WEIGHTS": str(cwd)} if rank_weights else {})
     if processes == 1:
         command = [sys.executable, str(script), *map(str, args)]

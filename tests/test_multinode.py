@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from accelerate.utils import set_seed
 from conftest import (
+    EXACT_ENV,
     LAUNCHER,
     QUICK,
     ROOT,
@@ -82,8 +83,8 @@ def check_succeeded(results: list):
 
 
 def float64_env(folder: Path) -> dict:
-    """tests/launcher.py's switches: float64, and each rank's final weights saved into `folder`."""
-    return cli_env(TEST_FLOAT64="1", TEST_RANK_WEIGHTS=str(folder))
+    """tests/launcher.py's switches: float64 (EXACT_ENV), and each rank's final weights saved into `folder`."""
+    return cli_env(**EXACT_ENV, TEST_RANK_WEIGHTS=str(folder))
 
 
 def assert_one_run_written(folder: Path):
@@ -178,7 +179,7 @@ def submit_folder(tmp_path: Path, launch_script: Path = TRAIN) -> Path:
 @pytest.mark.xdist_group("one_process")  # on one worker, so that the reference is trained once
 def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
     folder, port = submit_folder(tmp_path, LAUNCHER), free_port()  # launch/train.py in float64
-    env = {**slurm_env(tmp_path / "bin", port), "TEST_FLOAT64": "1"}
+    env = {**slurm_env(tmp_path / "bin", port), **EXACT_ENV}
     [(status, output)] = finish(
         [start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS], folder, env)]
     )
