@@ -55,8 +55,26 @@ RESUMABLE = QUICK + ["--init", "kaiming", "--schedule", "plateau", "--mixed_prec
                      "0"]
 
 
-# tests/launcher.py's switches for the exactness tests: float64, fc1 and fc2 of 512 neurons (its docstring says why)
-EXACT_ENV = {"TEST_FLOAT64": "1", "TEST_HIDDEN": "512"}
+# tests/launcher.py's switch for the exactness tests: float64 (its docstring says why)
+EXACT_ENV = {"TEST_FLOAT64": "1"}
+# The runs the tests launch or call train AlexNet with fc1 and fc2 of NARROW neurons (tests/narrow/sitecustomize.py
+# says why); PAPER_WIDTH, added to cli_env, launches the paper's 4096
+NARROW, PAPER = 512, 4096
+PAPER_WIDTH = {"TEST_HIDDEN": str(PAPER)}
+
+
+@contextlib.contextmanager
+def narrow_network(width: int = NARROW):
+    """Within: networks built in this process have fc1 and fc2 of `width` neurons, as in the runs the tests launch
+    (for weights files that those runs load, and for runs called in this process)."""
+    import alexnet_dist.model
+
+    paper = alexnet_dist.model.HIDDEN
+    alexnet_dist.model.HIDDEN = width
+    try:
+        yield
+    finally:
+        alexnet_dist.model.HIDDEN = paper
 
 
 def free_port() -> int:
@@ -92,7 +110,9 @@ def bindable(port: int) -> bool:
 
 def cli_env(**extra) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update({"WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    narrow = str(ROOT / "tests" / "narrow")  # its sitecustomize.py narrows the network to TEST_HIDDEN
+    env.update({"WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                "TEST_HIDDEN": str(NARROW), "PYTHONPATH": os.pathsep.join([str(ROOT), narrow])})
     env.update(extra)
     return env
 
@@ -137,16 +157,17 @@ def rank_weights(folder: Path, rank: int = 0) -> dict:
 
 
 def run_cli(args, cwd, script=TRAIN, processes=1, env=None, timeout=600, float64=False,
-            rank_weights=False, in_process=False) -> Result:
+            rank_weights=False, in_process=False, paper_width=False) -> Result:
     """`python launch/train.py ARGS` (or torchrun with `processes` ranks) in `cwd`. `float64`: the network in
-    double precision and narrow (EXACT_ENV), for the exactness tests; `rank_weights`: every rank saves the weights
+    double precision (EXACT_ENV), for the exactness tests; `rank_weights`: every rank saves the weights
     it ends with (both through tests/launcher.py). `in_process`: the entry point called in this test process
     instead, without an interpreter to start and torch to import (4 s of a 13 s launch), for tests of what a run
-    does, not of how a process starts, ends or takes signals."""
+    does, not of how a process starts, ends or takes signals. `paper_width`: the paper's fc1 and fc2 of 4096
+    neurons, not the tests' NARROW."""
     if in_process:
         assert script == TRAIN and processes == 1 and env is None and not (float64 or rank_weights)
-        return run_here(args, cwd)
-    env = dict(env or cli_env())
+        return run_here(args, cwd, PAPER if paper_width else NARROW)
+    env = {**(env or cli_env()), **(PAPER_WIDTH if paper_width else {})}
     if float64 or rank_weights:
         assert script == TRAIN, "the launcher runs launch/train.py's entry point only"
         script = LAUNCHER
@@ -245,9 +266,10 @@ def launch_ranks(args, cwd, processes: int = 2, script=TRAIN) -> list:
             for rank in range(processes)]
 
 
-def run_here(args, cwd) -> Result:
+def run_here(args, cwd, width: int = NARROW) -> Result:
     """launch/train.py's main(ARGS) in this process, in `cwd`, its output captured and its exit status kept; the
-    process-wide state a run leaves (Accelerate's, the current folder) is reset around it."""
+    process-wide state a run leaves (Accelerate's, the current folder) is reset around it. fc1 and fc2 of `width`
+    neurons, as in the runs the tests launch."""
     from accelerate.state import AcceleratorState, GradientState
 
     from alexnet_dist.cli import main
@@ -258,7 +280,7 @@ def run_here(args, cwd) -> Result:
     previous = os.getcwd()
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), narrow_network(width):
             main(args)
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else 1
@@ -316,7 +338,8 @@ def first_epoch_of(run: Path, copy: Path) -> Path:
     """A copy of a finished run's folder as it stood after its first epoch: its first checkpoint and nothing newer
     (the run kept them with --keep_checkpoints 2 --checkpoint_minutes 0). A resume from it takes the steps a
     separate first-epoch run would have handed over, without training that epoch again. The newer checkpoints
-    go from the run itself too: no test reads them, and each takes 0.5-0.7 GB of disk."""
+    go from the run itself too: no test reads them, and each takes 0.06-0.2 GB of disk
+    (the narrow network's, fp32 or float64)."""
     from alexnet_dist.checkpoint import complete_checkpoints
 
     for newer in complete_checkpoints(run / "checkpoints")[1:]:
@@ -326,10 +349,10 @@ def first_epoch_of(run: Path, copy: Path) -> Path:
 
 def copy_run_folder(run: Path, copy: Path) -> Path:
     """A copy of a run folder whose checkpoints' files are hard links, not copies: a run never writes into a
-    checkpoint's files (it writes a new one under a temporary name, then renames it), and each is 0.5-0.7 GB.
-    A CI machine's disk filled up while two resume tests ran side by side. Anything else (metrics, W&B,
-    weights) is copied, since a resumed run appends to it; so is everything where links cannot be made. A
-    test that damages a checkpoint's file must replace it (`replace_file`), not write into it."""
+    checkpoint's files (it writes a new one under a temporary name, then renames it), and each was 0.5-0.7 GB at
+    the paper's width. A CI machine's disk filled up while two resume tests ran side by side. Anything else
+    (metrics, W&B, weights) is copied, since a resumed run appends to it; so is everything where links cannot be
+    made. A test that damages a checkpoint's file must replace it (`replace_file`), not write into it."""
 
     def link_checkpoints(source, target):
         if "checkpoints" in Path(source).relative_to(run).parts:
@@ -399,7 +422,8 @@ def pytest_sessionstart(session):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """How much disk the tests had: two workers' launches held up to 4.3-5.0 GB of checkpoints and weights at once, and
+    """How much disk the tests had: two workers' launches held up to 4.3-5.0 GB of checkpoints and weights at once (at
+    the paper's width), and
     a full disk shows only as a failed save in whichever test ran out first."""
     if FREE_DISK in config.stash:
         where, free = config.stash[FREE_DISK]
@@ -428,5 +452,5 @@ def isolated(monkeypatch, tmp_path):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    for path in tmp_path.iterdir():  # weights and checkpoints take ~0.5 GB a run: free the disk as we go
+    for path in tmp_path.iterdir():  # weights and checkpoints take up to 0.5 GB a run: free the disk as we go
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

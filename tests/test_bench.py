@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli_env
+from conftest import PAPER_WIDTH, cli_env
 
 
 def test_bench_runs_and_writes_its_figures(tmp_path):
@@ -29,7 +29,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
             "bench.json",
         ],
         cwd=tmp_path,
-        env=cli_env(),
+        env=cli_env(**PAPER_WIDTH),
         capture_output=True,
         text=True,
         timeout=900,
@@ -60,7 +60,7 @@ def test_bench_refuses_bad_flags_in_one_line(argv, message, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "alexnet_dist.bench", *argv],
         cwd=tmp_path,
-        env=cli_env(),
+        env=cli_env(**PAPER_WIDTH),
         capture_output=True,
         text=True,
         timeout=600,

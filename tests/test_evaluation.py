@@ -57,7 +57,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     # 10 steps that leave the three modes apart on 300 validation images
     flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.01", "--init",
                       "kaiming"]
-    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path, in_process=True)
+    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path, in_process=True, paper_width=True)
     assert trained.returncode == 0, trained.stderr
     finals = {
         mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
@@ -66,7 +66,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     assert len(set(finals.values())) == 3, f"{finals}: pick flags where the modes differ, or this checks little"
     for mode, expected in finals.items():
         evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode],
-                             cwd=tmp_path, in_process=True)
+                             cwd=tmp_path, in_process=True, paper_width=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert "evaluating on the validation split instead" in evaluation.stdout
         assert evaluation.accuracy(f"validation (tta {mode})")[0] == expected
@@ -99,7 +99,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
                 "--predict_json",
                 f"{mode}.json",
             ],
-            cwd=tmp_path, in_process=True,
+            cwd=tmp_path, in_process=True, paper_width=True,
         )
         assert result.returncode == 0, result.stderr
         lines[mode] = [line for line in result.stdout.splitlines() if line.startswith("chosen/")]

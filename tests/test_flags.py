@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, run_cli
+from conftest import QUICK, narrow_network, run_cli
 
 from alexnet_dist.checkpoint import save_weights
 from alexnet_dist.cli import main, parse_flags
@@ -83,7 +83,9 @@ def test_help_lists_every_flag(capsys):
 def weights(tmp_path_factory):
     """Weights files for the bad-input table, kept outside the folder the run starts in."""
     folder = tmp_path_factory.mktemp("weights")
-    for name, model in [("two_columns.pth", alexnet(groups=2)), ("five_classes.pth", alexnet(num_classes=5))]:
+    with narrow_network():  # the width of the runs that read them: what they refuse is the columns and the classes
+        models = [("two_columns.pth", alexnet(groups=2)), ("five_classes.pth", alexnet(num_classes=5))]
+    for name, model in models:
         save_weights(folder / name, model, {}, [str(i) for i in range(model.classifier[-1].out_features)])
     (folder / "notes.txt").write_text("not weights")
     torch.save({"something": "else"}, folder / "other.pth")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import PAPER_WIDTH, ROOT, cli_env
 
 pytestmark = pytest.mark.slow  # minutes each: CI runs them with make test-slow
 
@@ -17,8 +17,8 @@ MiB = 1024 * 1024
 def rehearse(tmp_path, part, *extra, budget=400):
     out, work = tmp_path / f"{part}-out", tmp_path / f"{part}-work"
     result = subprocess.run([sys.executable, str(SCRIPT), part, str(out), "--rehearse", "--work", str(work),
-                             "--budget", str(budget), *extra], cwd=tmp_path, env=cli_env(), capture_output=True,
-                            text=True, timeout=budget + 120)
+                             "--budget", str(budget), *extra], cwd=tmp_path, env=cli_env(**PAPER_WIDTH),
+                            capture_output=True, text=True, timeout=budget + 120)
     print(result.stdout[-3000:], result.stderr[-3000:])
     files = [path for path in out.rglob("*") if path.is_file()]
     assert len(files) <= 8 and {path.name for path in files} <= {"summary.json", "results.tar.gz"}

@@ -58,5 +58,6 @@ def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_
 )
 def test_bad_hybrid_layouts_are_refused_in_one_line(processes, flags, message, tmp_path):
     args = ["--dataset", "fake", "--logger", "none", "--num_epochs", "1", *HYBRID, *flags]
-    result = run_cli(args, cwd=tmp_path, processes=processes, in_process=processes == 1)
+    # the paper's 4096 neurons in the message (the processes refuse before they build a network)
+    result = run_cli(args, cwd=tmp_path, processes=processes, in_process=processes == 1, paper_width=True)
     assert_refused_in_one_line(result, processes, message, tmp_path)

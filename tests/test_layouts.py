@@ -30,7 +30,7 @@ BREAKDOWN = {  # the batch line of each layout on 2 and 4 processes
 
 
 def train(folder, layout: str = "one", processes: int | None = None, flags=TWO_COLUMNS):
-    """A float64 run of `flags` under `layout`; the last step's checkpoint (1.5 GB, never read) removed."""
+    """A float64 run of `flags` under `layout`; the last step's checkpoint (never read) removed."""
     default_processes, launch = LAYOUTS[layout]
     result = run_cli(flags + launch + ["--save", "model.pth", "--run_dir", "run"], cwd=folder,
                      processes=processes or default_processes, float64=True).ok()

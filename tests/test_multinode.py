@@ -105,7 +105,7 @@ def one_process(tmp_path_factory) -> dict:
     [(status, output)] = finish([start(command, folder, float64_env(folder))])
     assert status == 0, output
     weights = rank_weights(folder)
-    shutil.rmtree(folder)  # ~0.5 GB of weights and checkpoints
+    shutil.rmtree(folder)  # its weights and checkpoints
     return weights
 
 

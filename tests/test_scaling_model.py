@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env
+from conftest import PAPER_WIDTH, ROOT, cli_env
 
 spec = importlib.util.spec_from_file_location("scaling_model", ROOT / "scripts" / "scaling_model.py")
 scaling = importlib.util.module_from_spec(spec)
@@ -206,7 +206,7 @@ def test_bad_flags_are_refused(argv, message, tmp_path, monkeypatch):
 ])
 def test_a_bad_flag_ends_the_script_in_one_line_with_status_2(argv, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "scaling_model.py"), *argv, "--json_path",
-                             "scaling.json", "--plot_path", "scaling.png"], cwd=tmp_path, env=cli_env(),
+                             "scaling.json", "--plot_path", "scaling.png"], cwd=tmp_path, env=cli_env(**PAPER_WIDTH),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {message}\n"

@@ -193,7 +193,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         QUICK + flags + ["--init", "kaiming", "--num_epochs", "2", "--mixed_precision", "no", "--save", "model.pth",
                          "--tta", "ten", "--lr", "0.01", "--lrn_alpha", "2", "--val_size", "0.1", "--fraction_of_data",
                          "0.2"],  # 10 steps on 180 images: weights whose modes differ on the test images
-        cwd=tmp_path, in_process=True,
+        cwd=tmp_path, in_process=True, paper_width=True,
     )
     assert trained.returncode == 0, trained.stderr
     _, test, classes = fake()
@@ -236,7 +236,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", tta]
         prediction = run_cli(
             ["--predict", "images/test", "--predict_json", f"{tta}.json", "--top_k", top_k, *plain],
-                cwd=tmp_path, in_process=True
+                cwd=tmp_path, in_process=True, paper_width=True
         )
         assert prediction.returncode == 0, prediction.stderr
         predictions = json.loads((tmp_path / f"{tta}.json").read_text())
@@ -254,7 +254,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
             broken.unlink()  # evaluation refuses a folder with a file that is not an image
         correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
         evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain],
-                             cwd=tmp_path, in_process=True)
+                             cwd=tmp_path, in_process=True, paper_width=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert f"test (tta {tta}) accuracy {100 * correct / 40:.2f}% ({correct}/40 images)" in evaluation.stdout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, assert_same_weights, copy_run_folder, run_cli
+from conftest import NARROW, QUICK, ROOT, assert_same_weights, copy_run_folder, run_cli
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_state, read_weights
 from alexnet_dist.model import alexnet
@@ -51,7 +51,8 @@ def test_train_then_evaluate_saved_weights(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1  # evaluation writes no run
 
 
-# AlexNet's parameters at the default flags (10 classes; the crop does not matter after the 6x6 pooling), by hand:
+# The parameters of the network the tests launch (fc1 and fc2 of NARROW neurons, 10 classes; the crop does not matter
+# after the 6x6 pooling), by hand:
 # (inputs x kernel + 1 bias) x outputs for conv1..conv5, then the three linear layers
 GRADIENTS = (
     (3 * 11 * 11 + 1) * 64
@@ -59,15 +60,15 @@ GRADIENTS = (
     + (192 * 3 * 3 + 1) * 384
     + (384 * 3 * 3 + 1) * 256
     + (256 * 3 * 3 + 1) * 256
-    + (256 * 6 * 6 + 1) * 4096
-    + (4096 + 1) * 4096
-    + (4096 + 1) * 10
+    + (256 * 6 * 6 + 1) * NARROW
+    + (NARROW + 1) * NARROW
+    + (NARROW + 1) * 10
 )
 
 
 @pytest.mark.parametrize("hook,dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")])
 def test_ddp_comm_hook_sends_every_gradient_in_16_bits(tmp_path, hook, dtype):
-    """Two gloo processes with --ddp_comm_hook: each optimizer step all-reduces all 57,044,810 gradients in 16 bits
+    """Two gloo processes with --ddp_comm_hook: each optimizer step all-reduces all the network's gradients in 16 bits
     (through the hook; without one DDP reduces in C++ and nothing 16-bit passes torch.distributed.all_reduce)."""
     result = run_cli(
         [tmp_path, *QUICK, "--ddp_comm_hook", hook, "--save", "model.pth"],
@@ -189,7 +190,8 @@ def test_the_default_smoke_run_learns(tmp_path):
     """The README's smoke run, with every training default: six epochs of generated data (3 optimizer steps each)
     take the loss well below ln(10) = 2.303, where a network that has not started learning sits, and the validation
     accuracy well above chance (10%)."""
-    result = run_cli(["--dataset", "fake", "--num_epochs", "6", "--logger", "none", "--tta", "none"], cwd=tmp_path)
+    result = run_cli(["--dataset", "fake", "--num_epochs", "6", "--logger", "none", "--tta", "none"], cwd=tmp_path,
+                     paper_width=True)  # the paper's network, as a user's smoke run
     assert result.returncode == 0, result.stderr
     epochs = re.findall(
         r"epoch \d/6: loss ([\d.]+), train accuracy [\d.]+%, validation accuracy ([\d.]+)%", result.stdout
