@@ -6,7 +6,8 @@ The tests launch hundreds of runs to check what the code does with the network (
 exchanges), none of which depends on the width of fc1 and fc2; at 512 neurons the network has 7.5 M parameters
 instead of 57 M, a launch of 5 steps takes 13 s instead of 19 s and writes a seventh of the bytes. The tests of the
 paper's network itself (its parameter count, the layer sizes, what the GPU script and the benchmarks measure) launch it
-at 4096 (conftest.PAPER_WIDTH) or build it in the test process, which this file does not touch.
+with TEST_HIDDEN empty (conftest.PAPER_WIDTH: this file then imports nothing) or build it in the test process, which
+this file does not touch.
 """
 
 import os
