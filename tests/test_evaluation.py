@@ -6,7 +6,16 @@ import re
 from pathlib import Path
 
 import torch
-from conftest import FOLDER, RESUMABLE, assert_same_weights, first_epoch_of, metric_rows, run_cli, write_image_folder
+from conftest import (
+    FOLDER,
+    RESUMABLE,
+    assert_same_weights,
+    first_epoch_of,
+    metric_rows,
+    narrow_network,
+    run_cli,
+    write_image_folder,
+)
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.data import fake
@@ -55,9 +64,9 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     train, _, classes = fake()
     paths = write_image_folder(tmp_path / "images", "train", train, classes, 1000)  # no test/: the validation split
     # 10 steps that leave the three modes apart on 300 validation images
-    flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.01", "--init",
+    flags = FOLDER + ["--fraction_of_data", "0.25", "--val_size", "0.3", "--num_epochs", "2", "--lr", "0.03", "--init",
                       "kaiming"]
-    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path, in_process=True, paper_width=True)
+    trained = run_cli(flags + ["--save", "model.pth"], cwd=tmp_path, in_process=True)
     assert trained.returncode == 0, trained.stderr
     finals = {
         mode: re.search(rf"final validation accuracy, final weights, tta {mode}: ([\d.]+)%", trained.stdout).group(1)
@@ -66,7 +75,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
     assert len(set(finals.values())) == 3, f"{finals}: pick flags where the modes differ, or this checks little"
     for mode, expected in finals.items():
         evaluation = run_cli(flags + ["--train=False", "--load_model_path", "model.pth", "--tta", mode],
-                             cwd=tmp_path, in_process=True, paper_width=True)
+                             cwd=tmp_path, in_process=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert "evaluating on the validation split instead" in evaluation.stdout
         assert evaluation.accuracy(f"validation (tta {mode})")[0] == expected
@@ -76,7 +85,8 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
         (chosen / path.name).write_bytes(path.read_bytes())
     files = sorted(chosen.iterdir())
     weights = read_weights(tmp_path / "model.pth")
-    model = alexnet(num_classes=10)
+    with narrow_network():  # the width the run trained
+        model = alexnet(num_classes=10)
     model.load_state_dict(weights["state_dict"])
     model.eval()
     views = hand_cut_views(
@@ -99,7 +109,7 @@ def test_evaluation_and_predictions_use_the_test_time_views_asked_for(tmp_path):
                 "--predict_json",
                 f"{mode}.json",
             ],
-            cwd=tmp_path, in_process=True, paper_width=True,
+            cwd=tmp_path, in_process=True,
         )
         assert result.returncode == 0, result.stderr
         lines[mode] = [line for line in result.stdout.splitlines() if line.startswith("chosen/")]

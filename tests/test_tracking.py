@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, cli_env, metric_rows, run_cli
+from conftest import QUICK, cli_env, metric_rows, narrow_network, run_cli
 from PIL import Image
 from torchvision.io import write_png
 
@@ -191,9 +191,9 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
     flags = [f"--{name}={','.join(map(str, value))}" for name, value in preprocessing.items()]
     trained = run_cli(
         QUICK + flags + ["--init", "kaiming", "--num_epochs", "2", "--mixed_precision", "no", "--save", "model.pth",
-                         "--tta", "ten", "--lr", "0.01", "--lrn_alpha", "2", "--val_size", "0.1", "--fraction_of_data",
-                         "0.2"],  # 10 steps on 180 images: weights whose modes differ on the test images
-        cwd=tmp_path, in_process=True, paper_width=True,
+                         "--tta", "ten", "--lr", "0.03", "--lrn_alpha", "2", "--val_size", "0.1", "--fraction_of_data",
+                         "0.4"],  # 24 steps on 360 images: weights whose modes differ on the test images
+        cwd=tmp_path, in_process=True,
     )
     assert trained.returncode == 0, trained.stderr
     _, test, classes = fake()
@@ -205,7 +205,8 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
     # by hand: resize 72 (bilinear, antialiased, rounded to uint8), the centre 66 x 66, (x / 255 - mean) / std
     from alexnet_dist.model import alexnet
 
-    model = alexnet(num_classes=len(classes), dropout=0.0, lrn_alpha=2.0)
+    with narrow_network():  # the width the run trained
+        model = alexnet(num_classes=len(classes), dropout=0.0, lrn_alpha=2.0)
     model.load_state_dict(torch.load(tmp_path / "model.pth")["state_dict"])
     resized = (
         torch.nn.functional.interpolate(test.images.float(), size=(72, 72), mode="bilinear", antialias=True)
@@ -236,7 +237,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
         plain = ["--load_model_path", "model.pth", "--mixed_precision", "no", "--tta", tta]
         prediction = run_cli(
             ["--predict", "images/test", "--predict_json", f"{tta}.json", "--top_k", top_k, *plain],
-                cwd=tmp_path, in_process=True, paper_width=True
+                cwd=tmp_path, in_process=True
         )
         assert prediction.returncode == 0, prediction.stderr
         predictions = json.loads((tmp_path / f"{tta}.json").read_text())
@@ -254,7 +255,7 @@ def test_evaluation_and_predictions_use_the_preprocessing_the_weights_were_train
             broken.unlink()  # evaluation refuses a folder with a file that is not an image
         correct = int((expected.argmax(dim=1) == test.labels[:40]).sum())
         evaluation = run_cli(["--train=False", "--dataset", "folder", "--data_dir", "images", *plain],
-                             cwd=tmp_path, in_process=True, paper_width=True)
+                             cwd=tmp_path, in_process=True)
         assert evaluation.returncode == 0, evaluation.stderr
         assert f"test (tta {tta}) accuracy {100 * correct / 40:.2f}% ({correct}/40 images)" in evaluation.stdout
 
