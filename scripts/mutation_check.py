@@ -72,7 +72,8 @@ MUTATIONS = [
              "confusions = confusions.view(",
              ("tests/test_launch.py::test_cifar10_is_downloaded_once_by_the_main_process_while_the_other_rank_waits",)),
     Mutation("accumulation", "alexnet_dist/runtime.py", "gradient_accumulation_steps=cfg.grad_accum_steps,", "",
-             ("tests/test_multinode.py::test_two_nodes_two_processes_and_accumulation_learn_what_one_process_learns",)),
+             ("tests/test_multinode.py::test_resume_with_other_processes_or_accumulation_keeps_the_training"
+              "[accumulated]",)),
     Mutation("micro_batch", "alexnet_dist/runtime.py", "shares = replicas * grad_accum_steps",
              "shares = replicas",
              ("tests/test_flags.py::test_bad_input_is_one_line_exit_2_and_writes_nothing[--batch_size 30 "

@@ -399,7 +399,7 @@ def paused_save(folder: Path, seconds: float) -> Path:
 LONGEST_FIRST = [
     "test_split_layouts_learn_what_one_process_learns",  # with its group: the one-process, columns and hybrid runs
     "test_weights_and_checkpoints_cross_between_the_layouts",
-    "test_two_nodes_two_processes_and_accumulation",  # with its group: the reference run and the slurm test
+    "test_two_nodes_learn_what_one_process_learns",  # with its group: the reference run, resumes and the slurm test
     "test_slurm_script_starts_the_same_two_node_job",
     "test_kills_at_set_points",
     "test_compiled_training",

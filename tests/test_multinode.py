@@ -1,8 +1,8 @@
 """Two "nodes" on this machine: two torchrun launchers meeting over c10d on 127.0.0.1, or
 launch/slurm.sh under a stand-in srun. They train exactly as one process does (as two processes on one
-node and gradient accumulation do: the launch-invariance test lives here, beside its reference), and the usual
-multi-node failures (a node that never comes, a taken port, other flags) stop with a clear message
-within a bounded time instead of hanging.
+node and gradient accumulation do, resuming one process's checkpoint: the launch-invariance tests live here, beside
+their one reference run), and the usual multi-node failures (a node that never comes, a taken port, other flags) stop
+with a clear message within a bounded time instead of hanging.
 """
 
 import os
@@ -11,28 +11,35 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.utils import set_seed
 from conftest import (
     EXACT_ENV,
     LAUNCHER,
+    NO_RANDOMNESS,
     QUICK,
+    RESUMABLE,
     ROOT,
-    SAME_STEPS,
     TRAIN,
     Running,
     assert_same_weights,
     cli_env,
+    first_epoch_of,
     free_port,
     rank_weights,
+    run_cli,
 )
 
 from alexnet_dist.checkpoint import read_weights
 from alexnet_dist.model import alexnet
 
-SAME_STEPS = SAME_STEPS + ["--save", "model.pth"]
+# no randomness (dropout and augmentation off) and a schedule blind to num_epochs: every launch of these flags
+# takes the same 5 optimizer steps an epoch, and a run of 1 epoch the first 5 steps of a run of 2
+SAME_STEPS = RESUMABLE + NO_RANDOMNESS + ["--save", "model.pth"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LIMIT = 240  # seconds for any launch here; a training run takes ~25 s on 2 busy cores
 
@@ -97,38 +104,41 @@ def assert_one_run_written(folder: Path):
     assert (folder / "model.pth").is_file()
 
 
+@dataclass
+class Reference:
+    """One process's run of SAME_STEPS for 2 epochs: the weights after its first epoch and at its end, and its run
+    folder as it stood after the first epoch (for resumes)."""
+    first_epoch: dict
+    end: dict
+    run: Path
+
+
 @pytest.fixture(scope="session")  # one worker runs the tests that read it (xdist_group "one_process"): made once
-def one_process(tmp_path_factory) -> dict:
-    """The weights one process reaches with SAME_STEPS, the reference for every launch below."""
+def one_process(tmp_path_factory) -> Reference:
     folder = tmp_path_factory.mktemp("one_process")
-    command = [sys.executable, LAUNCHER, *SAME_STEPS]
+    command = [sys.executable, LAUNCHER, *SAME_STEPS, "--num_epochs", "2", "--run_dir", "run", "--keep_checkpoints",
+               "2"]
     [(status, output)] = finish([start(command, folder, float64_env(folder))])
     assert status == 0, output
-    weights = rank_weights(folder)
-    shutil.rmtree(folder)  # its weights and checkpoints
-    return weights
+    first_epoch_of(folder / "run", folder / "first_epoch")  # the step-5 checkpoint only
+    step_five = torch.load(folder / "first_epoch" / "checkpoints" / "step-0000005" / "pytorch_model.bin",
+                           weights_only=True)
+    reference = Reference(step_five, rank_weights(folder), folder / "first_epoch")
+    shutil.rmtree(folder / "run")  # its weights and checkpoints
+    return reference
 
 
 @pytest.mark.exact
 @pytest.mark.xdist_group("one_process")  # on one worker, so that the reference is trained once
-def test_two_nodes_two_processes_and_accumulation_learn_what_one_process_learns(tmp_path, one_process):
+def test_two_nodes_learn_what_one_process_learns(tmp_path, one_process):
     """What is learned does not depend on the launch (dropout and random augmentation off): 2 nodes x 16 images
-    (node 0 and node 1 in one folder, as on a shared file system), 2 processes x 16 on one node, and 1 process x
-    2 accumulation steps x 16 take the steps 1 x 32 takes."""
-    standalone = tmp_path / "standalone"
-    standalone.mkdir()
-    command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", LAUNCHER, *SAME_STEPS]
-    check_succeeded(finish([start(command, standalone, float64_env(standalone))]))
-    accumulated = tmp_path / "accumulated"
-    accumulated.mkdir()
-    command = [sys.executable, LAUNCHER, *SAME_STEPS, "--grad_accum_steps", "2"]
-    check_succeeded(finish([start(command, accumulated, float64_env(accumulated))]))
+    (node 0 and node 1 in one folder, as on a shared file system) take the steps 1 x 32 takes."""
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     port = free_port()
     results = finish(
         [
-            start(node(port, number == 0, LAUNCHER, SAME_STEPS), nodes,
+            start(node(port, number == 0, LAUNCHER, SAME_STEPS + ["--num_epochs", "1"]), nodes,
                   float64_env(nodes))
             for number in (0, 1)
         ]
@@ -137,14 +147,25 @@ def test_two_nodes_two_processes_and_accumulation_learn_what_one_process_learns(
     assert "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch" in results[0][1]
     rank0, rank1 = rank_weights(nodes, 0), rank_weights(nodes, 1)
     assert_same_weights(rank0, rank1, exact=True)  # DDP kept both nodes' copies equal
-    assert_same_weights(rank0, one_process)  # two nodes
-    assert_same_weights(rank_weights(standalone), one_process)  # two processes
-    assert_same_weights(rank_weights(accumulated), one_process)  # accumulation
+    assert_same_weights(rank0, one_process.first_epoch)
     assert_one_run_written(nodes)
     set_seed(0)
     initial = alexnet(init="kaiming").state_dict()
-    moved = (one_process["features.0.weight"] - initial["features.0.weight"].double()).abs().max()
+    moved = (one_process.first_epoch["features.0.weight"] - initial["features.0.weight"].double()).abs().max()
     assert moved > 1e-4  # the steps moved the weights far more than the tolerance of assert_same_weights
+
+
+@pytest.mark.exact
+@pytest.mark.xdist_group("one_process")
+@pytest.mark.parametrize("processes, extra", [(2, []), (1, ["--grad_accum_steps", "2"])], ids=["two", "accumulated"])
+def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path, one_process, processes, extra):
+    """One process's checkpoint of its first epoch, resumed by 2 processes x 16 images on one node, or by 1 process
+    x 2 accumulation steps x 16, ends where the one process ended."""
+    first_epoch_of(one_process.run, tmp_path / "run")
+    resumed = run_cli(SAME_STEPS + ["--num_epochs", "2", "--run_dir", "run", "--resume", "latest", *extra],
+                      cwd=tmp_path, processes=processes, float64=True, rank_weights=True).ok()
+    assert "resumed from run/checkpoints/step-0000005" in resumed.stdout
+    assert_same_weights(resumed.rank_weights(), one_process.end)
 
 
 def slurm_env(bin_folder: Path, port: int) -> dict:
@@ -181,12 +202,12 @@ def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
     folder, port = submit_folder(tmp_path, LAUNCHER), free_port()  # launch/train.py in float64
     env = {**slurm_env(tmp_path / "bin", port), **EXACT_ENV}
     [(status, output)] = finish(
-        [start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS], folder, env)]
+        [start(["bash", ROOT / "launch" / "slurm.sh", *SAME_STEPS, "--num_epochs", "1"], folder, env)]
     )
     assert status == 0, output
     breakdown = "global batch 32 = 2 process(es) x 1 accumulation step(s) x 16 images per micro-batch"
     assert output.count(breakdown) == 2  # the first process of each node prints the progress
-    assert_same_weights(read_weights(folder / "model.pth")["state_dict"], one_process)
+    assert_same_weights(read_weights(folder / "model.pth")["state_dict"], one_process.first_epoch)
     assert_one_run_written(folder)
 
 

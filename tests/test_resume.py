@@ -11,7 +11,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import (
-    NO_RANDOMNESS,
     RESUMABLE,
     TRAIN,
     assert_same_weights,
@@ -66,25 +65,6 @@ def test_resume_on_two_processes_is_bit_identical(tmp_path):
     assert "resumed from run/checkpoints/step-0000005" in second.stdout  # the first epoch's, not trained again
     for rank in (0, 1):
         assert_same_weights(straight.rank_weights(rank), second.rank_weights(rank), exact=True)
-
-
-@pytest.mark.exact
-def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path):
-    deterministic = KAIMING + NO_RANDOMNESS
-    straight = run_cli(deterministic + ["--num_epochs", "2", "--run_dir", "straight", "--keep_checkpoints", "2",
-                                        "--save", "straight.pth"], cwd=tmp_path, float64=True).ok()
-    for name, processes, extra in [("two", 2, []), ("accumulated", 1, ["--grad_accum_steps", "2"])]:
-        first_epoch_of(tmp_path / "straight", tmp_path / name)  # its checkpoint of step 5, one process's
-        resumed = run_cli(
-            deterministic
-            + ["--num_epochs", "2", "--run_dir", name, "--resume", "latest", "--save", f"{name}.pth", *extra],
-            cwd=tmp_path,
-            processes=processes,
-            float64=True,
-        ).ok()
-        assert f"resumed from {name}/checkpoints/step-0000005" in resumed.stdout
-        assert_same_weights(straight.weights("straight.pth"), resumed.weights(f"{name}.pth"))
-        shutil.rmtree(tmp_path / name)  # its checkpoint
 
 
 @pytest.mark.xdist_group("trained")  # on the worker that made the module's `trained` runs
