@@ -16,11 +16,12 @@ Layouts, at the default training shape (crop 64, global batch 256, dropout 0.5, 
            gradients among the N/2 devices holding it. N = 1: the two-column network on one device;
   hybrid   (--groups 1, Krizhevsky 2014, arXiv 1404.5997) conv1-conv5 data-parallel on 256/N images; fc1 split by
            output neurons and fc2 by input features over all N, each device computing its slice for all 256 images;
-           an all-gather of conv5's output before fc1 and a reduce-scatter of fc2's partial sums (256 x 4096) after
+           an all-gather of fc1's input before fc1 and a reduce-scatter of fc2's partial sums (256 x 4096) after
            it, their transposes backward; an all-reduce of the gradients of the convolutions, fc3 and fc2's bias.
-           What is gathered is conv5's pooled 1x1 map, 256 values an image: model.py's adaptive pooling repeats it
-           36 times before fc1, and each device can repeat it after the gather (and draw fc1's 36 dropout masks
-           there), so the copies need not travel (under `columns` they do: each column drops its own half first).
+           What is gathered is what alexnet_dist/hybrid.py gathers with dropout on: fc1's input, conv5's pooled map
+           repeated 36 times by model.py's 6x6 pooling, each copy dropped by its own image's process before the
+           gather (9,216 values an image); only where fc1 folds the copies into its weights (--dropout 0,
+           --first_linear_once) does it gather conv5's 256.
 
 Bytes are counted, not assumed: a forward of alexnet_dist.model.AlexNet (training mode, under the precision's
 autocast) with hooks gives the shapes and dtypes of the activations that cross devices, and the parameters the
@@ -30,7 +31,7 @@ activation forward and the peer's half of its gradient backward, and its 10 logi
 for 256 images (under bf16 autocast on a CPU, where the normalised conv2 maps stay fp32: 35,860 bytes an image,
 9,180,160 bytes a step, what columns.Traffic counted in docs/results/parallel/). DDP all-reduces 57,044,810 fp32
 gradients (--groups 1; 56,909,194 with --groups 2: the 227,636,776 bytes parallel_bench counted). The hybrid's
-all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 256 and 256 x 4096 values a step.
+all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 9,216 and 256 x 4,096 values a step.
 
 Compute: each stage (conv1 with its ReLU, normalisation and pooling; conv2 likewise; conv3; conv4; conv5 with its
 pooling; fc1 with the 6x6 pooling, dropout and ReLU; fc2 with dropout; fc3 with fc2's ReLU; the loss) is timed forward
@@ -461,7 +462,7 @@ def hybrid_plan(net: Network, clock: Clock, devices: int) -> Plan:
     own, sliced = hybrid_stages(net.stages, devices)
     plan = Plan(*compute(clock, [(own, GLOBAL_BATCH // devices), (sliced, GLOBAL_BATCH)]),
                 clock.update(own + sliced))
-    for name in ("conv5_output", "fc2_output"):  # gathered / reduce-scattered forward, the transposes backward
+    for name in ("fc1_input", "fc2_output"):  # gathered / reduce-scattered forward, the transposes backward
         plan.collectives += [Collective(kind, GLOBAL_BATCH * net.crossing[name], devices)
                              for kind in ("all_gather", "reduce_scatter")]
     fc2_bias = [layer for layer in net.model.classifier if isinstance(layer, nn.Linear)][1].bias
