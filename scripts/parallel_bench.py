@@ -85,7 +85,8 @@ def run_layout(layout: str, device: str, windows: int, steps: int, json_path: st
     tally = {"bytes": 0}  # DDP's bytes; the activations' are counted by the layout's traffic
     if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
         sent = {"none": (default_hooks.allreduce_hook, 4), "bf16": (default_hooks.bf16_compress_hook, 2)}[hook]
-        trainer.model.register_comm_hook(None, counting(*sent, tally))
+        # over DDP's own group: the column's holders under columns on 4 processes (None would mean every process)
+        trainer.model.register_comm_hook(trainer.model.process_group, counting(*sent, tally))
 
     def sync():
         if accelerator.device.type == "cuda":

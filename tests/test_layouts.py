@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 from conftest import SAME_STEPS, assert_same_weights, copy_run_folder, run_cli
+from launcher import FLOAT64_TEST_IMAGES
 
 from alexnet_dist.checkpoint import complete_checkpoints, read_weights
 
@@ -43,7 +44,7 @@ def assert_learns_what_one_process_learns(result, reference):
     for name in ("model.pth", "model_ema.pth"):
         assert_same_weights(result.weights(name), reference.weights(name))
     assert result.accuracy() == reference.accuracy()
-    assert result.accuracy()[2] == 200  # fake data's test images, each once (not once a process)
+    assert result.accuracy()[2] == FLOAT64_TEST_IMAGES  # fake data's test images, each once (not once a process)
     assert result.losses() == reference.losses() and len(result.losses()) == 5
 
 
@@ -73,6 +74,7 @@ def test_split_layouts_learn_what_one_process_learns_and_count_each_image_once(l
 
 
 @pytest.mark.exact
+@pytest.mark.slow  # four float64 launches, three on 2 processes: two minutes of a worker (make test-slow runs it)
 @pytest.mark.xdist_group("layouts")
 def test_weights_and_checkpoints_cross_between_the_layouts(trained, tmp_path):
     """One process's weights file evaluated by a pair of columns with the same accuracy (each layout's file is one
