@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PAPER_WIDTH, cli_env
+from conftest import PAPER_WIDTH, ROOT, cli_env
 
 
 def test_bench_runs_and_writes_its_figures(tmp_path):
@@ -113,3 +113,19 @@ def test_the_benchmarks_flags_parse_without_measuring(tmp_path):
     opts = parse_flags(["--steps", "1", "--windows", "2", "--noflip", "--json_path", str(tmp_path / "b.json")])
     assert (opts.steps, opts.windows, opts.cfg.flip, opts.cfg.num_epochs) == (1, 2, False, 4)
     assert opts.flags == {"flip": False} and not list(tmp_path.iterdir())  # nothing written yet
+
+
+@pytest.mark.slow  # 4 processes of the paper's two-column network on the machine's cores: about a minute
+def test_parallel_bench_counts_the_columns_bytes_on_four_processes(tmp_path):
+    """scripts/parallel_bench.py, two pairs of columns: each process sends its pair's exchanges for 128 images (half
+    the 16,001,024 bytes of one pair on 256) and all-reduces its column's 28,454,602 gradients (column 0 holds fc3's
+    bias) with the other pair's holder of that column, over DDP's own group. Counted over every process, the
+    launch aborted."""
+    result = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "parallel_bench.py", "--processes", "4", "--layouts", "columns",
+         "--rounds", "1", "--windows", "1", "--steps", "1", "--json_path", "four.json"],
+        cwd=tmp_path, env=cli_env(**PAPER_WIDTH), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "four.json").read_text())
+    assert figures["layouts"]["columns"]["bytes_per_step"] == 28_454_602 * 4 + 16_001_024 // 2
