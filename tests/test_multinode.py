@@ -197,6 +197,7 @@ def submit_folder(tmp_path: Path, launch_script: Path = TRAIN) -> Path:
 
 
 @pytest.mark.exact
+@pytest.mark.slow  # the two nodes' launch again, through slurm.sh (make test-slow; its refusals stay in make test)
 @pytest.mark.xdist_group("one_process")  # on one worker, so that the reference is trained once
 def test_slurm_script_starts_the_same_two_node_job(tmp_path, one_process):
     folder, port = submit_folder(tmp_path, LAUNCHER), free_port()  # launch/train.py in float64
