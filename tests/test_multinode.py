@@ -28,6 +28,7 @@ from conftest import (
     Running,
     assert_same_weights,
     cli_env,
+    copy_run_folder,
     first_epoch_of,
     free_port,
     rank_weights,
@@ -161,7 +162,7 @@ def test_two_nodes_learn_what_one_process_learns(tmp_path, one_process):
 def test_resume_with_other_processes_or_accumulation_keeps_the_training(tmp_path, one_process, processes, extra):
     """One process's checkpoint of its first epoch, resumed by 2 processes x 16 images on one node, or by 1 process
     x 2 accumulation steps x 16, ends where the one process ended."""
-    first_epoch_of(one_process.run, tmp_path / "run")
+    copy_run_folder(one_process.run, tmp_path / "run")  # the fixture's copy holds the first epoch's checkpoint only
     resumed = run_cli(SAME_STEPS + ["--num_epochs", "2", "--run_dir", "run", "--resume", "latest", *extra],
                       cwd=tmp_path, processes=processes, float64=True, rank_weights=True).ok()
     assert "resumed from run/checkpoints/step-0000005" in resumed.stdout
