@@ -8,9 +8,9 @@ batch_size / (N x grad_accum_steps) images, and DDP averages their gradients ove
 rounds them). fc1 and fc2 (96% of the parameters) are cut over all N processes, fc1 by its outputs and fc2 by its
 inputs (Megatron's cut, and PyTorch's ColwiseParallel / RowwiseParallel), and each process computes its slice for
 every image of the micro-step:
-  - before fc1, the convolutions' outputs are all-gathered: conv5's 256 values an image where fc1 folds its 36
-    pooled copies into its weights (model.folds: evaluation, dropout 0, --first_linear_once), else the 9,216
-    pooled values;
+  - before fc1, conv5's maps are all-gathered, and every process pools them to fc1's input: 256 values an image at
+    crops up to 94 (1x1 maps, which model.py's 6x6 pooling repeats 36 times), not the 9,216 pooled ones (maps
+    larger than 6x6 are pooled before the gather instead, whichever is smaller);
   - after fc2, its partial sums are reduce-scattered: summed over the processes, each keeping its own images;
   - fc2's bias (added after that sum), fc3 and the loss are data-parallel again, their gradients averaged by DDP.
 Backward, the all-gather's gradient is reduce-scattered and the reduce-scatter's all-gathered (sharded.py).
@@ -20,13 +20,16 @@ process holds whole over the N processes: the gradient of the mean over the glob
 it. A cut parameter has no copies to average with, and its gradient sums what every process's loss sends back
 through the reduce-scatter: N losses, N times the gradient of the mean. A hook divides it by N.
 
-Dropout. fc1's input is gathered, so every process must drop the same features of it: each process drops its own
-images' features before the gather, drawn from its own stream as a data-parallel process draws them, and every
-process then reads the same dropped batch. fc2's input is each process's slice of fc1 for every image: each process
-draws its slice of that layer's mask from its own stream. With dropout on, the run therefore depends on N, as the
-data layout's does (its processes draw their own masks too). It could be made independent of N only by drawing the
-masks from one stream shared by every process, each drawing the masks of the whole global batch and the whole layer
-to keep its part (N times the random numbers); the layouts agree at --dropout 0.
+Dropout. fc1's input is gathered, so every process must drop the same features of it. Each process draws a seed
+from its own random stream (as a data-parallel process draws its masks from it; it is in the checkpoints), the seeds
+are gathered, and every process draws each process's images' masks from that process's seed: the same mask
+everywhere, and the 36 pooled copies of a value dropped one by one as the whole network drops them, for 256 values
+sent an image instead of 9,216 (N times the random numbers on each process instead). Where fc1 folds the copies
+(--first_linear_once: one mask per feature) each process drops its own images' 256 features before the gather.
+fc2's input is each process's slice of fc1 for every image: each process draws its slice of that layer's mask from
+its own stream. With dropout on, the run therefore depends on N, as the data layout's does (its processes draw
+their own masks too): independent of N only if every process drew the whole layer's mask for the whole global batch
+from one stream shared by all, and the one-process run drew the same; the layouts agree at --dropout 0.
 
 Why not torch.distributed.tensor.parallel. ColwiseParallel(input_layouts=Shard(0)) on fc1 and
 RowwiseParallel(output_layouts=Shard(0)) on fc2 state this exchange, and on gloo and the CPU (torch 2.14.1, two
@@ -47,7 +50,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from .config import UsageError
 from .model import HIDDEN, AlexNet, Classifier, fold_positions, folds, layer_name
-from .sharded import Sharded, Shards, SplitLayout, gather_batch, sum_scatter
+from .sharded import Sharded, Shards, SplitLayout, all_gather_rows, gather_batch, sum_scatter
 
 CUT = {f"{layer_name('fc1')}.weight": 0, f"{layer_name('fc1')}.bias": 0,  # fc1 by its outputs
        f"{layer_name('fc2')}.weight": 1}  # fc2 by its inputs; its bias, added after the sum, is whole everywhere
@@ -95,16 +98,34 @@ class HybridPart(Sharded):
                 parameter.register_hook(lambda gradient: gradient / shards.count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.shards.group
-        x = self.features(x)  # this process's images
-        head = Classifier(*self.classifier)
-        # fc1's input: each process drops its own images' features, then every process reads every image's
-        if folds(x, self.training, self.first_linear_once, head.dropout1.p):
-            x = gather_batch(head.dropout1(torch.flatten(x, 1)), group)  # conv5's 1x1 maps: 36 times fewer bytes
-            x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]), head.fc1.bias)
-        else:
-            x = head.fc1(gather_batch(head.dropout1(torch.flatten(self.avgpool(x), 1)), group))
+        group, head = self.shards.group, Classifier(*self.classifier)
+        x, folded = self.fc1_input(self.features(x))  # every image's, the same on every process
+        x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]) if folded else head.fc1.weight,
+                                 head.fc1.bias)
         x = head.dropout2(head.relu1(x))  # this process's slice of fc1, every image: its part of the layer's mask
         x = sum_scatter(nn.functional.linear(x, head.fc2.weight), group)  # fc2's partial sums added; own images
         x = x + head.fc2.bias.to(x.dtype)  # once, after the sum (to the autocast dtype, as nn.Linear adds it)
         return head.fc3(head.relu2(x))
+
+    def fc1_input(self, maps: torch.Tensor) -> tuple:
+        """(fc1's input for every process's images, gathered from this process's conv5 `maps` and dropped alike on
+        every process; whether fc1 folds its 36 pooled copies, model.folds)."""
+        group, dropout = self.shards.group, Classifier(*self.classifier).dropout1
+        if folds(maps, self.training, self.first_linear_once, dropout.p):  # one mask per feature, if any: each
+            return gather_batch(dropout(torch.flatten(maps, 1)), group), True  # process drops its own images'
+        smaller = maps if maps.shape[-2] * maps.shape[-1] <= 36 else self.avgpool(maps)  # 36x fewer at 1x1 maps
+        pooled = torch.flatten(self.avgpool(gather_batch(smaller, group)), 1)  # pooling 6x6 maps again: the same
+        return drop_alike(pooled, dropout.p if self.training else 0.0, group), False
+
+
+def drop_alike(x: torch.Tensor, p: float, group) -> torch.Tensor:
+    """Dropout of probability `p` on every process's images `x` (process 0's first), the same features on every
+    process: each process's images get the mask that a seed from that process's own random stream draws, and the
+    seeds are gathered (8 bytes a process)."""
+    if p == 0:
+        return x
+    seeds = all_gather_rows(torch.randint(2**62, (1,)).to(x.device), group)  # this process's stream: in checkpoints
+    keep = 1.0 - p
+    masks = [torch.empty((len(x) // len(seeds), *x.shape[1:]), device=x.device, dtype=x.dtype)
+             .bernoulli_(keep, generator=torch.Generator(x.device).manual_seed(seed)) for seed in seeds.tolist()]
+    return x * torch.cat(masks).div_(keep)  # as nn.functional.dropout scales what it keeps

@@ -41,8 +41,9 @@ class Traffic:
 TRAFFIC = Traffic()  # every split layout's exchanges
 
 
-def _all_gather(part: torch.Tensor, group) -> torch.Tensor:
-    """Every process's `part`, one after the other along the first dimension (process 0's first)."""
+def all_gather_rows(part: torch.Tensor, group) -> torch.Tensor:
+    """Every process's `part`, one after the other along the first dimension (process 0's first); no gradient
+    (gather_batch is the one with a gradient)."""
     count = dist.get_world_size(group)
     whole = part.new_empty((count * part.shape[0], *part.shape[1:]))
     GATHER(whole, part.contiguous(), group=group)
@@ -79,14 +80,14 @@ def gather_batch(part: torch.Tensor, group) -> torch.Tensor:
     process's layer computes other outputs from the same gathered input, so those gradients are parts of one.
     (torch.distributed.nn's all_gather does the same, but on gloo its backward takes group ranks for global ones and
     fails in every group but the first.)"""
-    return Exchange.apply(part, group, _all_gather, _reduce_scatter)
+    return Exchange.apply(part, group, all_gather_rows, _reduce_scatter)
 
 
 def sum_scatter(whole: torch.Tensor, group) -> torch.Tensor:
     """The sum of every process's `whole` (partial results for the same images, in the same order), of which each
     process keeps its share of the images (a reduce-scatter). Backward, each process's partial results entered the
     sum of every image: its gradient is every process's gradient of its own images, gathered."""
-    return Exchange.apply(whole, group, _reduce_scatter, _all_gather)
+    return Exchange.apply(whole, group, _reduce_scatter, all_gather_rows)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ exchange, for a network (--groups) and a crop: the largest difference between th
   the parts' gradients, gathered; each relative to the largest value of what it is compared with. Crop 64 folds
   fc1's 36 pooled copies (dropout 0), crop 96 gathers the pooled values.
 dropout (0.5, training; fc1 folded with --first_linear_once or not): whether every process read the same input of fc1,
-  and whether this process's images in it were dropped as its own random stream draws their masks.
+  and whether this process's images in it were dropped as its own random stream decides: their masks drawn from a
+  seed it draws (fc1 not folded: conv5's maps gathered, then dropped on every process), or drawn by it directly as a
+  data-parallel process draws them (folded: dropped before the gather); how many values an image the gathers sent.
 """
 
 import json
@@ -23,17 +25,18 @@ from accelerate import Accelerator
 from alexnet_dist import hybrid
 from alexnet_dist.config import Config
 from alexnet_dist.layouts import choose_layout
-from alexnet_dist.model import alexnet
+from alexnet_dist.model import Classifier, alexnet
+from alexnet_dist.sharded import TRAFFIC
 
 IMAGES = 2  # per process
-GATHERED = []  # what hybrid.gather_batch returned: fc1's input, every image's
-original_gather = hybrid.gather_batch
+SEEN = []  # what HybridPart.fc1_input returned: fc1's input, every image's
+original_input = hybrid.HybridPart.fc1_input
 
 
-def recording_gather(part, group):
-    gathered = original_gather(part, group)
-    GATHERED.append(gathered.detach().clone())
-    return gathered
+def recording_input(part, maps):
+    seen, folded = original_input(part, maps)
+    SEEN.append(seen.detach().clone())
+    return seen, folded
 
 
 def placed(accelerator, flags: dict, whole):
@@ -76,24 +79,34 @@ def dropout(accelerator, first_linear_once: bool) -> dict:
     mine = slice(IMAGES * accelerator.process_index, IMAGES * (accelerator.process_index + 1))
     torch.manual_seed(1000 + accelerator.process_index)  # this process's stream
     stream = torch.get_rng_state()
-    GATHERED.clear()
+    SEEN.clear()
+    TRAFFIC.bytes = 0
     model.train()(images[mine])
-    seen = GATHERED[0]  # the first gather is fc1's input
+    sent = TRAFFIC.bytes  # fc1's input, fc2's partial sums and the seeds, forward
+    seen = SEEN[0]
     everyone = [torch.empty_like(seen) for _ in range(accelerator.num_processes)]
     dist.all_gather(everyone, seen)
     torch.set_rng_state(stream)
-    with torch.no_grad():  # this process's images, dropped by this process's stream: what a data-parallel rank does
+    with torch.no_grad():  # this process's images, dropped as its own stream decides
         maps = part.features(images[mine])
-        features = torch.flatten(maps if first_linear_once else part.avgpool(maps), 1)
-        own = torch.nn.functional.dropout(features, 0.5, training=True)
+        if first_linear_once:  # as a data-parallel process drops them
+            own = torch.nn.functional.dropout(torch.flatten(maps, 1), 0.5, training=True)
+        else:  # by a mask drawn from a seed this process's stream draws
+            features = torch.flatten(part.avgpool(maps), 1)
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+            own = features * torch.empty_like(features).bernoulli_(0.5, generator=generator) / 0.5
+    others = IMAGES * (accelerator.num_processes - 1)
+    fc2_sums = others * Classifier(*part.classifier).fc2.out_features * seen.element_size()  # narrow in tests
     return {"same_on_every_process": all(torch.equal(other, seen) for other in everyone),
             "own_images_owner_masks": torch.equal(seen[mine], own),
-            "zeros": float((seen[mine] == 0).double().mean()), "features": seen.shape[1]}
+            "zeros": float((seen[mine] == 0).double().mean()), "features": seen.shape[1],
+            "fc1_values_sent_an_image": (sent - fc2_sums - (0 if first_linear_once else 8 * (others // IMAGES)))
+            / others / seen.element_size()}
 
 
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
-    hybrid.gather_batch = recording_gather
+    hybrid.HybridPart.fc1_input = recording_input
     accelerator = Accelerator(cpu=True)
     figures = {
         "exchange": {f"groups {groups}, crop {crop}": exchange(accelerator, groups, crop)

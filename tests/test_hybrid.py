@@ -29,7 +29,8 @@ def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_
     """Each process's part, placed as a run places it, against the whole network (tests/hybrid_probe.py): the
     logits of its images, and the gradients of the mean loss over every process's images, to float64 rounding, for
     both networks and with fc1 folded or not; with dropout on, every process reads the same input of fc1, its own
-    images dropped by its own random stream, as a data-parallel process drops them."""
+    images dropped as its own random stream decides, and conv5's 256 values an image travel, not the 9,216 that the
+    6x6 pooling makes of them."""
     run_cli([tmp_path], cwd=tmp_path, script=ROOT / "tests" / "hybrid_probe.py", processes=2).ok()
     for rank in (0, 1):
         figures = json.loads((tmp_path / f"hybrid{rank}.json").read_text())
@@ -41,6 +42,7 @@ def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_
             assert dropped["same_on_every_process"] and dropped["own_images_owner_masks"], (rank, case, dropped)
             assert 0.4 < dropped["zeros"] < 0.7, (rank, case, dropped)  # dropout 0.5 acted (and ReLU's zeros)
         assert [dropped["features"] for dropped in figures["dropout"].values()] == [256 * 36, 256]
+        assert [dropped["fc1_values_sent_an_image"] for dropped in figures["dropout"].values()] == [256, 256]
 
 
 @pytest.mark.parametrize(
