@@ -18,11 +18,9 @@ Layouts, at the default training shape (crop 64, global batch 256, dropout 0.5, 
            output neurons and fc2 by input features over all N, each device computing its slice for all 256 images;
            an all-gather of fc1's input before fc1 and a reduce-scatter of fc2's partial sums (256 x 4096) after
            it, their transposes backward; an all-reduce of the gradients of the convolutions, fc3 and fc2's bias.
-           What is gathered is what alexnet_dist/hybrid.py gathers with dropout on: fc1's input, conv5's pooled map
-           repeated 36 times by model.py's 6x6 pooling, each copy dropped by its own image's process before the
-           gather (9,216 values an image); only where fc1 folds the copies into its weights (--dropout 0,
-           --first_linear_once) does it gather conv5's 256.
-
+           What is gathered is what alexnet_dist/hybrid.py gathers: conv5's maps (256 values an image at crop 64),
+           which every device pools to fc1's input and drops alike with masks drawn from each device's seed, the
+           seeds gathered first (8 bytes a device; latency, in effect).
 Bytes are counted, not assumed: a forward of alexnet_dist.model.AlexNet (training mode, under the precision's
 autocast) with hooks gives the shapes and dtypes of the activations that cross devices, and the parameters the
 all-reduces carry are counted from the network. In fp32, per image: conv2's pooled maps 256 x 3 x 3 values, fc1's
@@ -31,7 +29,7 @@ activation forward and the peer's half of its gradient backward, and its 10 logi
 for 256 images (under bf16 autocast on a CPU, where the normalised conv2 maps stay fp32: 35,860 bytes an image,
 9,180,160 bytes a step, what columns.Traffic counted in docs/results/parallel/). DDP all-reduces 57,044,810 fp32
 gradients (--groups 1; 56,909,194 with --groups 2: the 227,636,776 bytes parallel_bench counted). The hybrid's
-all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 9,216 and 256 x 4,096 values a step.
+all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 256 and 256 x 4,096 values a step.
 
 Compute: each stage (conv1 with its ReLU, normalisation and pooling; conv2 likewise; conv3; conv4; conv5 with its
 pooling; fc1 with the 6x6 pooling, dropout and ReLU; fc2 with dropout; fc3 with fc2's ReLU; the loss) is timed forward
@@ -96,6 +94,7 @@ from alexnet_dist.runtime import resolve_precision  # noqa: E402
 GLOBAL_BATCH, CROP, HIDDEN = 256, 64, 4096
 COUNTS = (1, 2, 4, 8, 16, 64)
 FIRST_BUCKET, BUCKET = 1 << 20, 25 << 20  # DDP's bucket caps: torch.distributed's defaults
+SEED_BYTES = 8  # a device's seed for fc1's dropout masks (alexnet_dist/hybrid.py), int64
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT = 0.02  # seconds: a layer pass shorter than this is taken again within its round
 
@@ -462,9 +461,11 @@ def hybrid_plan(net: Network, clock: Clock, devices: int) -> Plan:
     own, sliced = hybrid_stages(net.stages, devices)
     plan = Plan(*compute(clock, [(own, GLOBAL_BATCH // devices), (sliced, GLOBAL_BATCH)]),
                 clock.update(own + sliced))
-    for name in ("fc1_input", "fc2_output"):  # gathered / reduce-scattered forward, the transposes backward
-        plan.collectives += [Collective(kind, GLOBAL_BATCH * net.crossing[name], devices)
+    gathered = min(net.crossing["conv5_output"], net.crossing["fc1_input"])  # the maps, or the pooled values
+    for size in (gathered, net.crossing["fc2_output"]):  # gathered / reduce-scattered forward, the transposes back
+        plan.collectives += [Collective(kind, GLOBAL_BATCH * size, devices)
                              for kind in ("all_gather", "reduce_scatter")]
+    plan.collectives.append(Collective("all_gather", SEED_BYTES * devices, devices))  # fc1's dropout seeds
     fc2_bias = [layer for layer in net.model.classifier if isinstance(layer, nn.Linear)][1].bias
     reduced = [*net.model.features.parameters(), fc2_bias, *net.model.classifier[-1].parameters()]
     size = sum(p.numel() for p in reduced) * 4
