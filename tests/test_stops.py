@@ -117,17 +117,20 @@ def test_ctrl_c_during_the_final_report_stops_the_run_at_once(tmp_path):
     assert (tmp_path / "model.pth").is_file()
 
 
-@pytest.mark.parametrize("layout", [[], ["--parallel", "columns", "--groups", "2"], ["--parallel", "hybrid"]],
-                         ids=["data", "columns", "hybrid"])
-def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(layout, tmp_path):
+@pytest.mark.parametrize("layout, processes", [([], 2), (["--parallel", "columns", "--groups", "2"], 2),
+                                               (["--parallel", "hybrid"], 2),
+                                               pytest.param(["--parallel", "hybrid"], 4, marks=pytest.mark.slow)],
+                         ids=["data", "columns", "hybrid", "hybrid-4"])
+def test_sigint_to_torchrun_stops_every_rank_after_the_same_step(layout, processes, tmp_path):
     """Ctrl-C reaches torchrun only (its workers run in their own sessions); it forwards SIGINT to every rank. The
-    same with the two columns on the two ranks: they stop together and save the whole network."""
+    same with the two columns on the two ranks, and the hybrid's slices on 2 or 4: they stop together and save the
+    whole network."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={processes}",
         str(exit_recorder(tmp_path)),
         *QUICK,
         "--mixed_precision",
@@ -146,12 +149,12 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_same_step(layout, tmp_pat
     run.wait_for(lambda: "step 2: training loss" in run.stdout, "step 2 printed")
     run.process.send_signal(signal.SIGINT)
     run.finish()  # torchrun's own status after a signal is its business (1)
-    assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["130", "130"], run.stderr
+    assert [(tmp_path / f"exit-{rank}").read_text() for rank in range(processes)] == ["130"] * processes, run.stderr
     step = int(re.search(r"stopped by SIGINT after optimizer step (\d+);", run.stderr).group(1))
     assert step % 5 == 0  # the ranks compare notes at epoch ends (5 steps) and every 10 steps
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [path.name for path in saved] == [f"step-{step:07d}"] and read_state(saved[0])["global_step"] == step
-    assert all((saved[0] / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))  # both ranks saved that step
+    assert all((saved[0] / f"random_states_{rank}.pkl").is_file() for rank in range(processes))  # each saved it
     if layout:  # the whole network's weights and momenta, gathered from both processes, not rank 0's part
         weights = torch.load(saved[0] / "pytorch_model.bin", weights_only=True)
         momenta = torch.load(saved[0] / "optimizer.bin", weights_only=True)["state"]
