@@ -6,7 +6,9 @@ AlexNet (--groups 2), and the pair talks only where Krizhevsky et al.'s GPUs did
 The paper put half the kernels of every layer, and half the neurons of every fully connected layer, on each GPU.
 Four exchanges of activations join the columns, and nothing else passes between them:
   - conv3 reads both columns' pooled conv2 maps;
-  - fc1 reads both columns' conv5 outputs;
+  - fc1 reads both columns' conv5 outputs: their maps travel (128 values an image and column at crops up to 94), and
+    each column pools them to fc1's input and drops the other column's half with the mask that column's seed draws,
+    so the pair agrees on one mask per pooled copy without the 36 copies travelling (sharded.Sharded.fc1_input);
   - fc2 reads both halves of fc1;
   - the logits are the sum of both halves' contributions (fc3 split by its inputs).
 conv1, conv2, conv4 and conv5 read only their own column. With 2k processes the k pairs train data-parallel: each
@@ -24,7 +26,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from .config import UsageError
-from .model import AlexNet, Classifier, ColumnNorm, column_stages, fold_positions, folds, layer_name
+from .model import AlexNet, Classifier, ColumnNorm, column_stages, layer_name
 from .sharded import FIRST, TRAFFIC, Sharded, Shards, SplitLayout, gather_batch, own_layer
 
 COLUMNS = 2
@@ -109,8 +111,13 @@ def _column_part(layer: nn.Module, name: str, shards: Shards) -> nn.Module:
 class Column(Sharded):
     """One column of the two-column AlexNet; the pair's other process holds the other."""
 
+    joins = 1  # the columns' channels
+
     def __init__(self, whole: AlexNet, shards: Shards):
         super().__init__(whole, shards, _column_part)
+
+    def join(self, part: torch.Tensor) -> torch.Tensor:
+        return gather(part, self.shards.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.shards.group
@@ -119,11 +126,6 @@ class Column(Sharded):
         x = gather(x, group)  # conv3 reads both columns' maps
         x = shared_maps(x)  # conv3 (this column's half of its kernels), conv4, conv5, pooled
         head = Classifier(*self.classifier)
-        if folds(x, self.training, self.first_linear_once, head.dropout1.p):
-            # the 36 pooled copies folded into fc1's weights (model.py): conv5's outputs travel once, not 36 times
-            x = gather(head.dropout1(torch.flatten(x, 1)), group)
-            x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]), head.fc1.bias)
-        else:
-            x = head.fc1(gather(head.dropout1(torch.flatten(self.avgpool(x), 1)), group))  # fc1 reads both columns
+        x = self.first_linear(x)  # fc1 reads both columns (sharded.py): this column's half of its neurons
         x = head.fc2(gather(head.dropout2(head.relu1(x)), group))  # fc2 reads both halves of fc1
         return SumOverPair.apply(head.fc3(head.relu2(x)), group)  # the logits: both halves' contributions

@@ -20,12 +20,13 @@ process holds whole over the N processes: the gradient of the mean over the glob
 it. A cut parameter has no copies to average with, and its gradient sums what every process's loss sends back
 through the reduce-scatter: N losses, N times the gradient of the mean. A hook divides it by N.
 
-Dropout. fc1's input is gathered, so every process must drop the same features of it. Each process draws a seed
-from its own random stream (as a data-parallel process draws its masks from it; it is in the checkpoints), the seeds
-are gathered, and every process draws each process's images' masks from that process's seed: the same mask
-everywhere, and the 36 pooled copies of a value dropped one by one as the whole network drops them, for 256 values
-sent an image instead of 9,216 (N times the random numbers on each process instead). Where fc1 folds the copies
-(--first_linear_once: one mask per feature) each process drops its own images' 256 features before the gather.
+Dropout. fc1's input is gathered, so every process must drop the same features of it (sharded.Sharded.fc1_input,
+shared with the columns): each process draws a seed from its own random stream (as a data-parallel process draws its
+masks from it; it is in the checkpoints), the seeds are gathered, and every process draws each process's images'
+masks from that process's seed: the same mask everywhere, and the 36 pooled copies of a value dropped one by one as
+the whole network drops them, for 256 values sent an image instead of 9,216 (N times the random numbers on each
+process instead). Where fc1 folds the copies (--first_linear_once: one mask per feature) each process drops its own
+images' 256 features before the gather.
 fc2's input is each process's slice of fc1 for every image: each process draws its slice of that layer's mask from
 its own stream. With dropout on, the run therefore depends on N, as the data layout's does (its processes draw
 their own masks too): independent of N only if every process drew the whole layer's mask for the whole global batch
@@ -49,8 +50,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from .config import UsageError
-from .model import HIDDEN, AlexNet, Classifier, fold_positions, folds, layer_name
-from .sharded import Sharded, Shards, SplitLayout, all_gather_rows, gather_batch, sum_scatter
+from .model import HIDDEN, AlexNet, Classifier, layer_name
+from .sharded import Sharded, Shards, SplitLayout, gather_batch, sum_scatter
 
 CUT = {f"{layer_name('fc1')}.weight": 0, f"{layer_name('fc1')}.bias": 0,  # fc1 by its outputs
        f"{layer_name('fc2')}.weight": 1}  # fc2 by its inputs; its bias, added after the sum, is whole everywhere
@@ -97,35 +98,13 @@ class HybridPart(Sharded):
             if name in CUT:  # its gradient sums every process's loss: the mean's is 1/N of it (module docstring)
                 parameter.register_hook(lambda gradient: gradient / shards.count)
 
+    def join(self, part: torch.Tensor) -> torch.Tensor:
+        return gather_batch(part, self.shards.group)  # every process's images, process 0's first
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group, head = self.shards.group, Classifier(*self.classifier)
-        x, folded = self.fc1_input(self.features(x))  # every image's, the same on every process
-        x = nn.functional.linear(x, fold_positions(head.fc1.weight, x.shape[1]) if folded else head.fc1.weight,
-                                 head.fc1.bias)
-        x = head.dropout2(head.relu1(x))  # this process's slice of fc1, every image: its part of the layer's mask
+        x = self.first_linear(self.features(x))  # this process's slice of fc1, every image (sharded.py)
+        x = head.dropout2(head.relu1(x))  # its part of the layer's mask
         x = sum_scatter(nn.functional.linear(x, head.fc2.weight), group)  # fc2's partial sums added; own images
         x = x + head.fc2.bias.to(x.dtype)  # once, after the sum (to the autocast dtype, as nn.Linear adds it)
         return head.fc3(head.relu2(x))
-
-    def fc1_input(self, maps: torch.Tensor) -> tuple:
-        """(fc1's input for every process's images, gathered from this process's conv5 `maps` and dropped alike on
-        every process; whether fc1 folds its 36 pooled copies, model.folds)."""
-        group, dropout = self.shards.group, Classifier(*self.classifier).dropout1
-        if folds(maps, self.training, self.first_linear_once, dropout.p):  # one mask per feature, if any: each
-            return gather_batch(dropout(torch.flatten(maps, 1)), group), True  # process drops its own images'
-        smaller = maps if maps.shape[-2] * maps.shape[-1] <= 36 else self.avgpool(maps)  # 36x fewer at 1x1 maps
-        pooled = torch.flatten(self.avgpool(gather_batch(smaller, group)), 1)  # pooling 6x6 maps again: the same
-        return drop_alike(pooled, dropout.p if self.training else 0.0, group), False
-
-
-def drop_alike(x: torch.Tensor, p: float, group) -> torch.Tensor:
-    """Dropout of probability `p` on every process's images `x` (process 0's first), the same features on every
-    process: each process's images get the mask that a seed from that process's own random stream draws, and the
-    seeds are gathered (8 bytes a process)."""
-    if p == 0:
-        return x
-    seeds = all_gather_rows(torch.randint(2**62, (1,)).to(x.device), group)  # this process's stream: in checkpoints
-    keep = 1.0 - p
-    masks = [torch.empty((len(x) // len(seeds), *x.shape[1:]), device=x.device, dtype=x.dtype)
-             .bernoulli_(keep, generator=torch.Generator(x.device).manual_seed(seed)) for seed in seeds.tolist()]
-    return x * torch.cat(masks).div_(keep)  # as nn.functional.dropout scales what it keeps

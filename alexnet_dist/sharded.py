@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .engine import build_optimizer
-from .model import AlexNet
+from .model import AlexNet, Classifier, fold_positions, folds
 
 # torch 2.14 renamed the one-tensor collectives (the old names warn); older versions have only the old names
 GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -88,6 +88,21 @@ def sum_scatter(whole: torch.Tensor, group) -> torch.Tensor:
     process keeps its share of the images (a reduce-scatter). Backward, each process's partial results entered the
     sum of every image: its gradient is every process's gradient of its own images, gathered."""
     return Exchange.apply(whole, group, _reduce_scatter, all_gather_rows)
+
+
+def drop_alike(x: torch.Tensor, p: float, group, dim: int) -> torch.Tensor:
+    """Dropout of probability `p` on `x`, every process's part joined along `dim` (process 0's first), the same
+    features dropped on every process: each process's part gets the mask that a seed from that process's own random
+    stream draws (the stream is in the checkpoints), and the seeds are gathered (8 bytes a process). Every process
+    draws every part's mask: N times the random numbers, for the 36 pooled copies of a value not travelling."""
+    if p == 0:
+        return x
+    seeds = all_gather_rows(torch.randint(2**62, (1,)).to(x.device), group)
+    keep = 1.0 - p
+    masks = [torch.empty(part.shape, device=x.device, dtype=x.dtype)
+             .bernoulli_(keep, generator=torch.Generator(x.device).manual_seed(seed))
+             for part, seed in zip(x.chunk(len(seeds), dim), seeds.tolist())]
+    return x * torch.cat(masks, dim).div_(keep)  # as nn.functional.dropout scales what it keeps
 
 
 @dataclass(frozen=True)
@@ -164,6 +179,31 @@ class Sharded(nn.Module):
         self.entries = list(super().state_dict().keys())
         self.register_state_dict_post_hook(_gather_on_save)
         self.register_load_state_dict_pre_hook(_split_on_load)
+
+    joins = 0  # the dimension along which the processes' parts of fc1's input join: 0 images, 1 channels
+
+    def join(self, part: torch.Tensor) -> torch.Tensor:
+        """Every process's `part` of an activation, joined along `joins` (an exchange with a gradient)."""
+        raise NotImplementedError
+
+    def first_linear(self, maps: torch.Tensor) -> torch.Tensor:
+        """fc1's output (this process's share of it) from this process's part of conv5's `maps`."""
+        fc1 = Classifier(*self.classifier).fc1
+        x, folded = self.fc1_input(maps)
+        return nn.functional.linear(x, fold_positions(fc1.weight, x.shape[1]) if folded else fc1.weight, fc1.bias)
+
+    def fc1_input(self, maps: torch.Tensor) -> tuple:
+        """(fc1's input, joined from every process's part of conv5's `maps` and dropped alike on every process;
+        whether fc1 folds its 36 pooled copies, model.folds). What travels is the maps, 1x1 at crops up to 94, which
+        every process pools itself (maps larger than 6x6 are pooled first instead: whichever is smaller); their 36
+        pooled copies are then dropped one by one (drop_alike), as the whole network drops them. Where fc1 folds the
+        copies (--first_linear_once: one mask per feature) each process drops its own part before the exchange."""
+        dropout = Classifier(*self.classifier).dropout1
+        if folds(maps, self.training, self.first_linear_once, dropout.p):
+            return self.join(dropout(torch.flatten(maps, 1))), True
+        smaller = maps if maps.shape[-2] * maps.shape[-1] <= 36 else self.avgpool(maps)  # 36x fewer at 1x1 maps
+        pooled = torch.flatten(self.avgpool(self.join(smaller)), 1)  # pooling 6x6 maps again: the same
+        return drop_alike(pooled, dropout.p if self.training else 0.0, self.shards.group, self.joins), False
 
     def whole(self) -> AlexNet:
         """The ordinary network with these weights (a collective of the group: every process calls it)."""

@@ -123,9 +123,10 @@ MUTATIONS = [
              "self.trainer.layout.whole_model(self.trainer.average.module)", "self.trainer.average.module",
              (COLUMNS_MATCH,)),
     # the hybrid's exchange: the cut layers' gradients not divided by N (they sum every process's loss); fc2's
-    # partial sums not added over the processes; fc2's bias added by every process before the sum; fc1's gathered
-    # input dropped by each process from its own stream (its own mask on every image), folded or not; the pooled
-    # values gathered instead of conv5's maps (36 times the bytes); DDP averaging the cut layers' different slices
+    # partial sums not added over the processes; fc2's bias added by every process before the sum; DDP averaging the
+    # cut layers' different slices. Both split layouts (sharded.py): fc1's input dropped by each process from its own
+    # stream (its own mask on every part), folded or not; the pooled values sent instead of conv5's maps (36 times
+    # the bytes); the columns' masks drawn per image instead of per column
     Mutation("hybrid_gradient_scale", HYBRID, "lambda gradient: gradient / shards.count", "lambda gradient: gradient",
              (HYBRID_PARTS, HYBRID_MATCH)),
     Mutation("hybrid_reduce_scatter", HYBRID, FC2_PARTIAL,
@@ -134,12 +135,14 @@ MUTATIONS = [
     Mutation("hybrid_bias_once", HYBRID, FC2_PARTIAL, FC2_PARTIAL.replace("head.fc2.weight)", "head.fc2.weight, "
                                                                                              "head.fc2.bias)"),
              (HYBRID_PARTS,)),
-    Mutation("hybrid_dropout_owner", HYBRID, "bernoulli_(keep, generator=torch.Generator(x.device).manual_seed(seed))",
+    Mutation("split_dropout_owner", SHARDED, "bernoulli_(keep, generator=torch.Generator(x.device).manual_seed(seed))",
              "bernoulli_(keep)", (HYBRID_PARTS,)),
-    Mutation("hybrid_folded_dropout_owner", HYBRID, "gather_batch(dropout(torch.flatten(maps, 1)), group)",
-             "dropout(gather_batch(torch.flatten(maps, 1), group))", (HYBRID_PARTS,)),
-    Mutation("hybrid_gathers_maps", HYBRID, "maps if maps.shape[-2] * maps.shape[-1] <= 36 else self.avgpool(maps)",
+    Mutation("split_folded_dropout_owner", SHARDED, "self.join(dropout(torch.flatten(maps, 1)))",
+             "dropout(self.join(torch.flatten(maps, 1)))", (HYBRID_PARTS,)),
+    Mutation("split_exchanges_maps", SHARDED, "maps if maps.shape[-2] * maps.shape[-1] <= 36 else self.avgpool(maps)",
              "self.avgpool(maps)", (HYBRID_PARTS,)),
+    Mutation("columns_mask_halves", COLUMNS, "joins = 1  # the columns' channels", "joins = 0  # the columns' images",
+             (HYBRID_PARTS,)),
     Mutation("hybrid_ddp_whole_only", HYBRID, "return part, mesh.get_group(), list(CUT)",
              "return part, mesh.get_group(), []", (HYBRID_PARTS,)),
     Mutation("groups", TRAINING, "groups=cfg.groups,", "groups=1,", (row("groups"),)),

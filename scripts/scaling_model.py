@@ -11,23 +11,24 @@ Layouts, at the default training shape (crop 64, global batch 256, dropout 0.5, 
            gradients in fp32 (`data_bf16`: DDP's bf16 hook, half the bytes; its conversions are not modelled);
   columns  (--groups 2, the 2012 paper) a pair of devices per copy of the network, one column each (half of every
            layer's kernels and neurons) on 256/(N/2) images: the four exchanges of alexnet_dist/columns.py within
-           the pair (all-gathers of conv2's pooled maps, fc1's and fc2's inputs forward, their reduce-scatters
-           backward; an all-reduce of the logits forward), and with N/2 > 1 pairs an all-reduce of each column's
-           gradients among the N/2 devices holding it. N = 1: the two-column network on one device;
+           the pair (all-gathers of conv2's pooled maps, conv5's maps and fc2's inputs forward, their
+           reduce-scatters backward, the columns' dropout seeds; an all-reduce of the logits forward), and with
+           N/2 > 1 pairs an all-reduce of each column's gradients among the N/2 devices holding it. N = 1: the
+           two-column network on one device;
   hybrid   (--groups 1, Krizhevsky 2014, arXiv 1404.5997) conv1-conv5 data-parallel on 256/N images; fc1 split by
            output neurons and fc2 by input features over all N, each device computing its slice for all 256 images;
            an all-gather of fc1's input before fc1 and a reduce-scatter of fc2's partial sums (256 x 4096) after
            it, their transposes backward; an all-reduce of the gradients of the convolutions, fc3 and fc2's bias.
-           What is gathered is what alexnet_dist/hybrid.py gathers: conv5's maps (256 values an image at crop 64),
-           which every device pools to fc1's input and drops alike with masks drawn from each device's seed, the
-           seeds gathered first (8 bytes a device; latency, in effect).
+           Before fc1 both split layouts send what alexnet_dist/sharded.py sends: conv5's maps (256 values an image
+           at crop 64), which every device pools to fc1's input and drops alike with masks drawn from each device's
+           seed, the seeds gathered first (8 bytes a device; latency, in effect).
 Bytes are counted, not assumed: a forward of alexnet_dist.model.AlexNet (training mode, under the precision's
 autocast) with hooks gives the shapes and dtypes of the activations that cross devices, and the parameters the
-all-reduces carry are counted from the network. In fp32, per image: conv2's pooled maps 256 x 3 x 3 values, fc1's
-input 256 x 36, fc2's input 4,096, the logits 10; per step at 2 devices each column sends its half of each gathered
-activation forward and the peer's half of its gradient backward, and its 10 logits: 62,504 bytes an image, 16.0 MB
-for 256 images (under bf16 autocast on a CPU, where the normalised conv2 maps stay fp32: 35,860 bytes an image,
-9,180,160 bytes a step, what columns.Traffic counted in docs/results/parallel/). DDP all-reduces 57,044,810 fp32
+all-reduces carry are counted from the network. In fp32, per image: conv2's pooled maps 256 x 3 x 3 values, conv5's
+maps 256, fc2's input 4,096, the logits 10; per step at 2 devices each column sends its half of each gathered
+activation forward and the peer's half of its gradient backward, and its 10 logits: 26,664 bytes an image, 6.83 MB
+for 256 images with its 8-byte seed (6,825,992 bytes; under bf16 autocast on a CPU, where the normalised conv2 maps
+stay fp32, 17,940 bytes an image, 4,592,648 a step). DDP all-reduces 57,044,810 fp32
 gradients (--groups 1; 56,909,194 with --groups 2: the 227,636,776 bytes parallel_bench counted). The hybrid's
 all-reduce carries 2,514,762 (groups 1) parameters; its gathers move 256 x 256 and 256 x 4,096 values a step.
 
@@ -436,6 +437,12 @@ def data_plan(net: Network, clock: Clock, devices: int, gradient_bytes: int = 4)
     return plan
 
 
+def before_fc1(net: Network) -> int:
+    """Bytes an image that cross devices before fc1 (alexnet_dist/sharded.py, both split layouts): conv5's maps, which
+    every device pools to fc1's input, or the pooled values where those are fewer."""
+    return min(net.crossing["conv5_output"], net.crossing["fc1_input"])
+
+
 def columns_plan(net: Network, clock: Clock, devices: int) -> Plan | None:
     """The two-column network (net: --groups 2); None where the devices do not pair up."""
     if devices == 1:
@@ -444,9 +451,10 @@ def columns_plan(net: Network, clock: Clock, devices: int) -> Plan | None:
         return None
     column, batch = column_stages(net.model), 2 * GLOBAL_BATCH // devices
     plan = Plan(*compute(clock, [(column, batch)]), clock.update(column))
-    for name in ("conv3_input", "fc1_input", "fc2_input"):  # gathered forward, reduce-scattered backward
-        plan.collectives += [Collective(kind, batch * net.crossing[name], 2)
-                             for kind in ("all_gather", "reduce_scatter")]
+    exchanged = (net.crossing["conv3_input"], before_fc1(net), net.crossing["fc2_input"])
+    for size in exchanged:  # gathered forward, reduce-scattered backward
+        plan.collectives += [Collective(kind, batch * size, 2) for kind in ("all_gather", "reduce_scatter")]
+    plan.collectives.append(Collective("all_gather", SEED_BYTES * 2, 2))  # fc1's dropout seeds
     plan.collectives.append(Collective("all_reduce", batch * net.crossing["logits"], 2))
     if devices > 2:  # each column's gradients, among the devices holding that column (column 0 holds fc3's bias)
         own = [p for stage in column for p in stage.layers.parameters()]
@@ -461,8 +469,7 @@ def hybrid_plan(net: Network, clock: Clock, devices: int) -> Plan:
     own, sliced = hybrid_stages(net.stages, devices)
     plan = Plan(*compute(clock, [(own, GLOBAL_BATCH // devices), (sliced, GLOBAL_BATCH)]),
                 clock.update(own + sliced))
-    gathered = min(net.crossing["conv5_output"], net.crossing["fc1_input"])  # the maps, or the pooled values
-    for size in (gathered, net.crossing["fc2_output"]):  # gathered / reduce-scattered forward, the transposes back
+    for size in (before_fc1(net), net.crossing["fc2_output"]):  # gathered / reduce-scattered forward, transposed back
         plan.collectives += [Collective(kind, GLOBAL_BATCH * size, devices)
                              for kind in ("all_gather", "reduce_scatter")]
     plan.collectives.append(Collective("all_gather", SEED_BYTES * devices, devices))  # fc1's dropout seeds

@@ -28,9 +28,9 @@ def test_the_one_column_network_on_4_processes_learns_what_one_process_learns(tm
 def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_input(tmp_path):
     """Each process's part, placed as a run places it, against the whole network (tests/hybrid_probe.py): the
     logits of its images, and the gradients of the mean loss over every process's images, to float64 rounding, for
-    both networks and with fc1 folded or not; with dropout on, every process reads the same input of fc1, its own
-    images dropped as its own random stream decides, and conv5's 256 values an image travel, not the 9,216 that the
-    6x6 pooling makes of them."""
+    both networks and with fc1 folded or not. With dropout on, under the hybrid and under a pair of columns, every
+    process reads the same input of fc1, its own part of it dropped as its own random stream decides, and only
+    conv5's 256 values an image cross before fc1, not the 9,216 that the 6x6 pooling makes of them."""
     run_cli([tmp_path], cwd=tmp_path, script=ROOT / "tests" / "hybrid_probe.py", processes=2).ok()
     for rank in (0, 1):
         figures = json.loads((tmp_path / f"hybrid{rank}.json").read_text())
@@ -38,11 +38,16 @@ def test_the_parts_compute_the_whole_network_and_drop_the_same_features_of_fc1s_
         for case, differences in figures["exchange"].items():
             # a wrong exchange or gradient scale is off by 1e-2 or more; float64's rounding here stays near 1e-15
             assert differences["logits"] < 1e-12 and differences["gradients"] < 1e-12, (rank, case, differences)
+        assert len(figures["dropout"]) == 4
         for case, dropped in figures["dropout"].items():
-            assert dropped["same_on_every_process"] and dropped["own_images_owner_masks"], (rank, case, dropped)
+            assert dropped["same_on_every_process"] and dropped["own_part_owner_masks"], (rank, case, dropped)
             assert 0.4 < dropped["zeros"] < 0.7, (rank, case, dropped)  # dropout 0.5 acted (and ReLU's zeros)
-        assert [dropped["features"] for dropped in figures["dropout"].values()] == [256 * 36, 256]
-        assert [dropped["fc1_values_sent_an_image"] for dropped in figures["dropout"].values()] == [256, 256]
+            folded = case.endswith("True")
+            assert dropped["features"] == (256 if folded else 256 * 36), (rank, case, dropped)
+            # this process's part of conv5's 1x1 maps (2 images x 256 channels, or 4 images x a column's 128) to
+            # the other process, in float64, and its 8-byte seed where the copies are dropped after the exchange
+            assert dropped["maps"] == ([2, 256, 1, 1] if case.startswith("hybrid") else [4, 128, 1, 1])
+            assert dropped["bytes_sent"] == 512 * 8 + (0 if folded else 8), (rank, case, dropped)
 
 
 @pytest.mark.parametrize(
