@@ -1,20 +1,25 @@
 """--parallel hybrid (hybrid.py): the convolutions data-parallel, fc1 and fc2 cut over every process. Each process's
-part computes what the whole network computes, with dropout drawn as a data-parallel process draws it; the one-column
-network on 4 CPU processes (gloo) learns what one process learns; what it cannot run is refused in one line.
+part computes what the whole network computes, with fc1's input dropped alike on every process (the columns' too);
+the one-column network on 4 CPU processes (gloo) learns what one process learns, and checkpoints cross between the
+two; what it cannot run is refused in one line.
 tests/test_layouts.py trains the two-column network under it and crosses its checkpoints with the other layouts'."""
 
 import json
 
 import pytest
-from conftest import ROOT, assert_refused_in_one_line, run_cli
+from conftest import ROOT, assert_refused_in_one_line, assert_same_weights, copy_run_folder, run_cli
 from test_layouts import EXACT, assert_learns_what_one_process_learns, train
+
+from alexnet_dist.checkpoint import complete_checkpoints
 
 HYBRID = ["--parallel", "hybrid"]
 
 
 @pytest.mark.exact
-@pytest.mark.slow  # two float64 runs of their own, one on 4 processes
-def test_the_one_column_network_on_4_processes_learns_what_one_process_learns(tmp_path):
+@pytest.mark.slow  # four float64 runs of their own, two on 4 processes
+def test_the_one_column_network_on_4_processes_learns_what_one_process_learns_and_resumes_its_checkpoints(tmp_path):
+    """The hybrid on 4 processes ends where one process ends; the step-3 checkpoint of either resumes under the
+    other and ends there too."""
     (tmp_path / "one").mkdir()
     (tmp_path / "four").mkdir()
     reference = train(tmp_path / "one", flags=EXACT)
@@ -22,6 +27,15 @@ def test_the_one_column_network_on_4_processes_learns_what_one_process_learns(tm
     assert ("global batch 32 = 4 process(es) x 1 accumulation step(s) x 8 images per micro-batch (convolutions "
             "data-parallel; fc1 and fc2 cut 4 ways") in result.stdout
     assert_learns_what_one_process_learns(result, reference)
+    for source, processes, launch in (("one", 4, HYBRID), ("four", 1, [])):
+        copy = copy_run_folder(tmp_path / source / "run", tmp_path / f"{source}_resumed")
+        step_three = complete_checkpoints(copy / "checkpoints")[0]
+        assert step_three.name == "step-0000003"
+        resumed = run_cli(EXACT + launch + ["--save", "resumed.pth", "--resume", step_three], cwd=tmp_path,
+                          processes=processes, float64=True).ok()
+        assert "resumed from" in resumed.stdout and resumed.accuracy() == reference.accuracy(), source
+        assert_same_weights(resumed.weights("resumed.pth"), reference.weights())
+        assert_same_weights(resumed.weights("resumed_ema.pth"), reference.weights("model_ema.pth"))
 
 
 @pytest.mark.exact
