@@ -167,6 +167,8 @@ class Sharded(nn.Module):
     `part(layer, name, shards)`. state_dict / load_state_dict speak the whole network's state (collectives of the
     group: every process saves and loads)."""
 
+    joins = 0  # the dimension along which the processes' parts of fc1's input join: 0 images, 1 channels
+
     def __init__(self, whole: AlexNet, shards: Shards, part=own_layer):
         super().__init__()
         self.shards, self.settings = shards, whole.settings
@@ -179,8 +181,6 @@ class Sharded(nn.Module):
         self.entries = list(super().state_dict().keys())
         self.register_state_dict_post_hook(_gather_on_save)
         self.register_load_state_dict_pre_hook(_split_on_load)
-
-    joins = 0  # the dimension along which the processes' parts of fc1's input join: 0 images, 1 channels
 
     def join(self, part: torch.Tensor) -> torch.Tensor:
         """Every process's `part` of an activation, joined along `joins` (an exchange with a gradient)."""
