@@ -118,9 +118,9 @@ def test_the_benchmarks_flags_parse_without_measuring(tmp_path):
 @pytest.mark.slow  # 4 processes of the paper's two-column network on the machine's cores: about a minute
 def test_parallel_bench_counts_the_columns_bytes_on_four_processes(tmp_path):
     """scripts/parallel_bench.py, two pairs of columns: each process sends its pair's exchanges for 128 images (half
-    the 16,001,024 bytes of one pair on 256) and all-reduces its column's 28,454,602 gradients (column 0 holds fc3's
-    bias) with the other pair's holder of that column, over DDP's own group. Counted over every process, the
-    launch aborted."""
+    the 6,825,984 bytes of activations of one pair on 256, docs/results/parallel/layouts_cpu.json, and its 8-byte
+    dropout seed) and all-reduces its column's 28,454,602 gradients (column 0 holds fc3's bias) with the other pair's
+    holder of that column, over DDP's own group. Counted over every process, the launch aborted."""
     result = subprocess.run(
         [sys.executable, ROOT / "scripts" / "parallel_bench.py", "--processes", "4", "--layouts", "columns",
          "--rounds", "1", "--windows", "1", "--steps", "1", "--json_path", "four.json"],
@@ -128,4 +128,4 @@ def test_parallel_bench_counts_the_columns_bytes_on_four_processes(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((tmp_path / "four.json").read_text())
-    assert figures["layouts"]["columns"]["bytes_per_step"] == 28_454_602 * 4 + 16_001_024 // 2
+    assert figures["layouts"]["columns"]["bytes_per_step"] == 28_454_602 * 4 + 6_825_984 // 2 + 8

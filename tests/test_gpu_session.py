@@ -52,7 +52,9 @@ def test_smoke_rehearsal_reports_every_stage(tmp_path):
 
 
 def test_sweep_rehearsal_survives_a_failing_and_a_hanging_run(tmp_path):
-    result, summary, stages = rehearse(tmp_path, "sweep", "--inject", "bad_flag,hang")
+    # four runs at once on the machine's cores: each may take its 120 s default and more on a loaded 2-core machine
+    result, summary, stages = rehearse(tmp_path, "sweep", "--inject", "bad_flag,hang", "--run_timeout", "240",
+                                       budget=600)
     assert result.returncode == 0
     assert stages["w1_bad_flag"]["status"] == "failed" and "no_such_flag" in stages["w1_bad_flag"]["log_tail"]
     assert stages["w1_hang"]["status"] == "timeout" and stages["w1_hang"]["seconds"] < 30
